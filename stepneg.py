@@ -1,0 +1,1098 @@
+"""stepneg: RL on incorrect synthetic data, per-step, in one file.
+
+A readable reference implementation of Setlur et al., "RL on Incorrect Synthetic Data Scales the Efficiency of
+LLM Math Reasoning by Eight-Fold" (NeurIPS 2024, arXiv 2406.14532). The pipeline, top to bottom:
+
+    SFT on synthetic positives  ->  sample from the SFT model  ->  RFT (keep correct samples, fine-tune)
+                                                               ->  outcome DPO (correct vs wrong, whole solutions)
+                                                               ->  per-step DPO (roll out every step prefix of a
+                                                                   wrong solution, find the first pit, push it down)
+    ->  greedy pass@1 on the test split
+
+    python stepneg.py --mode per_step          # the whole job on the embedded CPU default (no downloads)
+    python stepneg.py --mode all               # SFT, RFT, outcome DPO and per-step DPO side by side
+    python stepneg.py --mode per_step --model Qwen/Qwen2.5-1.5B --train gsm8k_train.jsonl --test gsm8k_test.jsonl
+
+Sections: config, data, answer checking, model and tokenizer, sampling, steps and rollouts, losses, training
+loops, evaluation, stages, main.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import signal
+import sys
+import threading
+import time
+from fractions import Fraction
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config: every default in one place, every field a command-line flag (--name value).
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Config:
+    mode: str = "per_step"       # make_data | sft | rft | dpo | per_step | eval | all
+    out: str = "out"             # every stage writes under here; a finished stage is reused on restart
+    train: str = "data/train.jsonl"
+    test: str = "data/test.jsonl"
+    model: str = "tiny"          # "tiny" = build from a LlamaConfig offline; else a hub name or local folder
+    init: str = ""               # an existing SFT checkpoint to use as pi_sft (skips the SFT stage)
+    device: str = "auto"         # auto | cpu | cuda
+    seed: int = 0
+    n_train: int = 1500          # training problems used by every stage (D_syn size n); 0 = all
+    n_test: int = 400            # test problems evaluated; 0 = all
+    max_len: int = 256           # tokens per prompt+response; longer examples are truncated (and counted)
+    # the tiny model (only when --model tiny)
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    # SFT (and RFT, which reuses the SFT loop)
+    sft_epochs: int = 6
+    lr: float = 2e-3             # tiny model from scratch; use ~1e-5 for a pretrained 7B
+    batch_size: int = 32
+    # sampling from pi_sft (RFT positives, negatives, rollouts)
+    k_samples: int = 4           # samples per training problem
+    temperature: float = 1.0
+    max_new_tokens: int = 64
+    gen_batch: int = 256         # rows per generate call
+    # RFT
+    rft_cap: int = 4             # distinct correct samples kept per problem (paper: 4-8)
+    rft_from_sft: bool = False   # default: start RFT from the same initial model as SFT (equal-problem comparison)
+    # per-step credit
+    rollouts: int = 4            # M (the paper's Best-of-K uses K = 5)
+    max_negatives: int = 8       # distinct wrong samples kept per problem
+    step_cap: int = 12           # at most this many steps per solution (extra lines merge into the last)
+    credit: str = "first_pit"    # first_pit (paper) | min_advantage
+    pair_form: str = "step"      # step: rejected = the pit step alone | full: (x, y+, y-_{1:c}) shorthand
+    # DPO (outcome and per-step)
+    beta: float = 0.1
+    dpo_lr: float = 2e-4
+    dpo_epochs: int = 2
+    log_every: int = 20          # training steps between log lines
+
+
+# Settings that change what a stage computes: an output folder made with other values is refused, not mixed.
+RESULT_KEYS = [f.name for f in dataclasses.fields(Config) if f.name not in ("mode", "out", "device", "log_every")]
+PROMPT = "Question: {question}\nAnswer:\n"
+
+
+def parse_config(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for f in dataclasses.fields(Config):
+        if f.type is bool or f.type == "bool":
+            ap.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"), default=f.default)
+        else:
+            ap.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
+    cfg = Config(**vars(ap.parse_args(argv)))
+    modes = ("make_data", "sft", "rft", "dpo", "per_step", "eval", "all")
+    for name, value, allowed in [("mode", cfg.mode, modes), ("credit", cfg.credit, ("first_pit", "min_advantage")),
+                                 ("pair_form", cfg.pair_form, ("step", "full"))]:
+        if value not in allowed:
+            ap.error(f"--{name} {value!r}: choose one of {', '.join(allowed)}")
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data: the embedded toy task, and readers for GSM8K, MATH and a plain format.
+# ---------------------------------------------------------------------------------------------------------------
+
+NAMES = ["Ava", "Ben", "Cal", "Dan", "Eve", "Fay", "Gus", "Ivy", "Jon", "Kim", "Leo", "Mia", "Ned", "Pam", "Sam",
+         "Tom", "Uma", "Zoe"]
+ITEMS = ["apples", "pens", "cards", "books", "coins", "eggs", "shells", "stamps", "marbles", "cookies"]
+
+
+def make_problem(rng):
+    """One GSM8K-style word problem, one computation per solution line.
+    -> {"question": "Mia has 7 pens. Mia buys 5 more. Mia gives away 3. How many pens now?",
+        "answer": "9", "response": "7 + 5 = 12\\n12 - 3 = 9\\nThe answer is 9"}"""
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    value = rng.randint(2, 15)
+    sentences, lines = [f"{name} has {value} {item}."], []
+    for _ in range(rng.randint(2, 3)):
+        divisors = [d for d in (2, 3, 4) if value % d == 0]
+        op = rng.choice([o for o in "+-*/" if (o != "-" or value > 1) and (o != "*" or value <= 15)
+                         and (o != "/" or divisors)])
+        if op == "+":
+            n = rng.randint(1, 15)
+            sentences.append(f"{name} {rng.choice(['buys', 'finds', 'gets'])} {n} more.")
+        elif op == "-":
+            n = rng.randint(1, value - 1)
+            sentences.append(f"{name} {rng.choice(['gives away', 'loses', 'sells'])} {n}.")
+        elif op == "*":
+            n = rng.randint(2, 4)
+            sentences.append(f"{name} {['doubles', 'triples', 'quadruples'][n - 2]} them.")
+        else:
+            n = rng.choice(divisors)
+            sentences.append(f"{name} keeps {['half', 'a third', 'a quarter'][n - 2]} of them.")
+        new = {"+": value + n, "-": value - n, "*": value * n, "/": value // max(n, 1)}[op]
+        lines.append(f"{value} {op} {n} = {new}")
+        value = new
+    sentences.append(f"How many {item} now?")
+    return {"question": " ".join(sentences), "answer": str(value), "response": "\n".join(lines + [f"The answer is {value}"])}
+
+
+def make_toy_data(seed=0, n_train=8000, n_test=500):
+    """The shipped data/ files: distinct questions, test disjoint from train. Same seed, same bytes."""
+    rng, seen, rows = random.Random(seed), set(), []
+    while len(rows) < n_train + n_test:
+        p = make_problem(rng)
+        if p["question"] not in seen:
+            seen.add(p["question"])
+            rows.append(p)
+    return rows[:n_train], rows[n_train:]
+
+
+def write_jsonl(path, rows, mode="w"):
+    """Append-or-write rows; a whole file is written to a temporary name first so a crash leaves no torn file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if mode == "a":
+        with open(path, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+            f.flush()
+        return
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(path + ".tmp", path)
+
+
+def read_jsonl(path, tolerant=False):
+    """Rows of a jsonl file. A cache (tolerant=True) drops a torn last line from a crash; user data must be clean."""
+    rows = []
+    with open(path) as f:
+        lines = f.readlines()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if tolerant and n == len(lines):
+                break
+            raise ValueError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
+    return rows
+
+
+def load_problems(path, limit=0):
+    """Read GSM8K, MATH or plain jsonl into {"question", "gold", "response"} (response = D_syn, may be None).
+    GSM8K {"question", "answer": "...<<48/2=24>>24 ... #### 72"} -> gold "72", response with "The answer is 72"
+    MATH  {"problem", "solution": "... \\boxed{\\frac12}", "answer"?}  -> gold "\\frac12", response = solution
+    plain {"question", "answer": "72", "response"?}"""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file (give --train/--test, or run --mode make_data)")
+    problems = []
+    with open(path) as f:
+        lines = f.readlines()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}, line {n}: expected a JSON object, got {type(row).__name__}")
+        fmt = "math" if "problem" in row else "gsm8k" if "####" in str(row.get("answer", "")) else "plain"
+        need = {"math": ["problem", "solution"], "gsm8k": ["question", "answer"], "plain": ["question", "answer"]}
+        for field in need[fmt]:
+            if not isinstance(row.get(field), str) or not row[field].strip():
+                raise ValueError(f"{path}, line {n}: field {field!r} is missing or not a non-empty string "
+                                 f"(read as {fmt} format)")
+        if fmt == "math":
+            gold = row["answer"] if isinstance(row.get("answer"), str) else extract_answer(row["solution"])
+            if gold is None:
+                raise ValueError(f"{path}, line {n}: field 'solution' has no \\boxed{{}} answer and no 'answer' field")
+            problems.append({"question": row["problem"], "gold": gold, "response": row["solution"]})
+        elif fmt == "gsm8k":
+            body, gold = row["answer"].rsplit("####", 1)
+            response = re.sub(r"<<[^>]*>>", "", body).rstrip() + f"\nThe answer is {gold.strip()}"
+            problems.append({"question": row["question"], "gold": gold.strip(), "response": response})
+        else:
+            response = row.get("response")
+            if response is not None and not isinstance(response, str):
+                raise ValueError(f"{path}, line {n}: field 'response' must be a string")
+            problems.append({"question": row["question"], "gold": row["answer"].strip(), "response": response})
+        if limit and len(problems) == limit:
+            break
+    if not problems:
+        raise ValueError(f"{path}: no problems (empty file)")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Answer checking: r(x, y) decides every label, so it never crashes, never evals model text, and is time-bounded.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _braced(text, start):
+    """Content of the {...} group opening at text[start] == "{", nested braces matched; None if unclosed."""
+    depth = 0
+    for i in range(start, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[start + 1:i]
+    return None
+
+
+def extract_answer(text):
+    """The final answer of a solution, or None.
+    "...\\nThe answer is 18."  -> "18"      "... #### 1,000" -> "1,000"      "so $\\boxed{\\frac{1}{2}}$." -> "\\frac{1}{2}"
+    Whichever marker comes last in the text wins."""
+    if not isinstance(text, str):
+        return None
+    found = []  # (position, answer)
+    for m in re.finditer(r"[Tt]he (?:final )?answer is[:\s]*([^\n]*)", text):
+        found.append((m.start(), m.group(1)))
+    for m in re.finditer(r"####\s*([^\n]*)", text):
+        found.append((m.start(), m.group(1)))
+    box = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if box >= 0:
+        rest = text[box + (6 if text.startswith("\\boxed", box) else 5):].lstrip()
+        inner = _braced(rest, 0) if rest.startswith("{") else re.match(r"[^\s$]*", rest).group(0)
+        if inner is not None:
+            found.append((box, inner))
+    if not found:
+        return None
+    answer = max(found, key=lambda pa: pa[0])[1]
+    if "\\boxed" in answer or "\\fbox" in answer:  # "The answer is $\boxed{5}$"
+        answer = extract_answer(answer) or answer
+    answer = answer.strip().strip("$").strip()
+    answer = re.sub(r"\.$", "", answer).strip()
+    return answer or None
+
+
+def _normalize(s):
+    """Surface clean-up before comparison: "\\$1,000.00" -> "1000.00", "90^\\circ" -> "90", "\\dfrac12" -> "\\frac{1}{2}"."""
+    s = s.strip()
+    s = re.sub(r"\\text\{\s*([^{}]*)\}|\\mbox\{\s*([^{}]*)\}|\\textbf\{([^{}]*)\}",
+               lambda m: " " + next(g for g in m.groups() if g is not None), s).strip()
+    s = re.sub(r"^(-?[\d.]+)\s*\\times\s*10\^\{?(-?\d+)\}?$", r"\1e\2", s)   # "1.5 \times 10^{3}" -> "1.5e3"
+    for a, b in [("\\left", ""), ("\\right", ""), ("\\!", ""), ("\\,", ""), ("\\;", ""), ("\\:", ""), ("\\ ", " "),
+                 ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\displaystyle", ""), ("\\$", ""), ("$", ""),
+                 ("\\%", ""), ("%", ""), ("^\\circ", ""), ("^{\\circ}", ""), ("°", ""), ("\\le", "<="), ("\\ge", ">=")]:
+        s = s.replace(a, b)
+    s = re.sub(r"\s*(degrees?|percent|dollars?|units?|cents?)\s*$", "", s)
+    s = re.sub(r"^([a-zA-Z]|\\[a-z]+)\s*=\s*", "", s)         # "x = 2" -> "2"
+    s = re.sub(r"\\(frac|sqrt)\s*(\w)(\w)?", lambda m: f"\\{m[1]}{{{m[2]}}}" + (f"{{{m[3]}}}" if m[3] else ""), s)
+    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s.replace(" ", "")):
+        s = s.replace(",", "").replace(" ", "")            # thousands separators
+    m = re.fullmatch(r"(-?[\d.]+)\s+([a-zA-Z][a-zA-Z ]*)(\^?\d)?", s)
+    if m:                                                  # "18 apples", "5 cm^2" -> the number
+        s = m.group(1)
+    return s.strip().rstrip(".").strip()
+
+
+_NUMBER = re.compile(r"-?(\d+\.?\d*|\.\d+)([eE][-+]?\d{1,3})?")
+_SAFE_NAMES = {"sqrt", "pi", "oo", "sin", "cos", "tan", "log", "exp", "I"}
+
+
+def _latex_to_sympy(s):
+    """A whitelisted translation of a LaTeX-ish answer to sympy syntax, or None when it is not plainly math.
+    "\\frac{\\sqrt{3}}{2}" -> "((sqrt((3))))/((2))"     "2^{10}" -> "2**(10)"     "import os" -> None"""
+    if len(s) > 200:
+        return None
+    for _ in range(20):  # innermost-first rewriting of \frac{a}{b} and \sqrt{a}; bounded
+        m = re.search(r"\\frac\{([^{}]*)\}\{([^{}]*)\}", s) or re.search(r"\\sqrt\{([^{}]*)\}", s)
+        if not m:
+            break
+        s = s[:m.start()] + (f"(({m[1]})/({m[2]}))" if m.lastindex == 2 else f"(sqrt(({m[1]})))") + s[m.end():]
+    for a, b in [("\\cdot", "*"), ("\\times", "*"), ("\\div", "/"), ("\\pi", "pi"), ("\\infty", "oo"), ("^", "**"),
+                 ("{", "("), ("}", ")"), ("\\sin", "sin"), ("\\cos", "cos"), ("\\tan", "tan"), ("\\ln", "log"),
+                 ("\\log", "log"), ("\\exp", "exp")]:
+        s = s.replace(a, b)
+    if not re.fullmatch(r"[0-9a-zA-Z+\-*/().\s]*", s) or not s.strip():
+        return None
+    if any(len(w) > 1 and w not in _SAFE_NAMES for w in re.findall(r"[a-zA-Z]+", s)):
+        return None                                         # only single-letter symbols and known functions
+    if s.count("**") > 2 or any(len(d) > 40 for d in re.findall(r"\d+", s)):
+        return None                                         # 9^9^9^9 and 10^(huge) never reach sympy
+    if any(abs(int(e)) > 300 for e in re.findall(r"\*\*\s*\(?\s*-?(\d{1,40})", s)):
+        return None
+    return s
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _with_time_limit(seconds, fn, *args):
+    """Run fn under a wall-clock bound (SIGALRM, main thread only); other threads rely on _latex_to_sympy's caps."""
+    if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        return fn(*args)
+
+    def on_alarm(*_):
+        raise _Timeout()
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        return fn(*args)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _sympy_equal(a, b):
+    import sympy
+    from sympy.parsing.sympy_parser import parse_expr, standard_transformations, rationalize, \
+        implicit_multiplication_application
+    # rationalize: decimals become exact rationals, so 0.333 != 1/3 while 0.5 == 1/2.
+    tr = standard_transformations + (implicit_multiplication_application, rationalize)
+    names = {"sqrt": sympy.sqrt, "pi": sympy.pi, "oo": sympy.oo, "I": sympy.I, "sin": sympy.sin, "cos": sympy.cos,
+             "tan": sympy.tan, "log": sympy.log, "exp": sympy.exp}
+    x, y = (parse_expr(t, local_dict=dict(names), transformations=tr, evaluate=True) for t in (a, b))
+    diff = sympy.simplify(x - y)
+    return diff == 0
+
+
+def _split_top(s):
+    """Split on commas outside brackets: "(1,2), 3" -> ["(1,2)", "3"]."""
+    parts, depth, cur = [], 0, ""
+    for ch in s:
+        depth += (ch in "([{") - (ch in ")]}")
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return parts + [cur]
+
+
+def _equal_scalar(a, b):
+    if a == b:
+        return True
+    if _NUMBER.fullmatch(a) and _NUMBER.fullmatch(b):       # the fast path every toy answer takes
+        return Fraction(a) == Fraction(b)
+    mixed = re.fullmatch(r"(-?\d+)\s*\\frac\{(\d+)\}\{(\d+)\}|(-?\d+)\s+(\d+)/(\d+)", a)
+    if mixed:                                               # "2\frac{1}{2}" / "2 1/2" -> 5/2
+        w, n, d = [int(g) for g in mixed.groups() if g is not None]
+        a = str(Fraction(w) + (Fraction(n, d) if w >= 0 else -Fraction(n, d)))
+    sa, sb = _latex_to_sympy(a), _latex_to_sympy(b)
+    if sa is None or sb is None:
+        return a.lower().replace(" ", "") == b.lower().replace(" ", "")
+    try:
+        return bool(_with_time_limit(1.0, _sympy_equal, sa, sb))
+    except Exception:  # _Timeout, sympy's SyntaxError/TypeError/...: a malformed answer is simply not equal
+        return a.replace(" ", "") == b.replace(" ", "")
+
+
+@lru_cache(maxsize=100_000)
+def is_equiv(pred, gold):
+    """Mathematical equality of two final answers. "1,000" == "1000"; "\\frac{1}{2}" == "0.5"; "(1, 2)" != "[1, 2]";
+    "x = 3" == "3"; "2, 1" == "1, 2" (a list of roots); "0.333" != "\\frac13". None is never equal."""
+    if pred is None or gold is None:
+        return False
+    try:
+        a, b = _normalize(str(pred)[:10_000]), _normalize(str(gold)[:10_000])
+        if a == b:
+            return True
+        if a[:1] + a[-1:] in ("()", "[]", "(]", "[)") or b[:1] + b[-1:] in ("()", "[]", "(]", "[)"):
+            # tuples and intervals: brackets must match, elements in order
+            if a[:1] + a[-1:] != b[:1] + b[-1:]:
+                return False
+            xs, ys = _split_top(a[1:-1]), _split_top(b[1:-1])
+            if len(xs) > 1 or len(ys) > 1:
+                return len(xs) == len(ys) and all(_equal_scalar(x.strip(), y.strip()) for x, y in zip(xs, ys))
+        xs, ys = _split_top(a), _split_top(b)
+        if len(xs) > 1 or len(ys) > 1:                      # unordered lists, e.g. the roots of a polynomial
+            if len(xs) != len(ys):
+                return False
+            left = [y.strip() for y in ys]
+            for x in xs:
+                hit = next((i for i, y in enumerate(left) if _equal_scalar(x.strip(), y)), None)
+                if hit is None:
+                    return False
+                left.pop(hit)
+            return True
+        return _equal_scalar(a, b)
+    except Exception:
+        return False
+
+
+def reward(response, gold):
+    """r(x, y) in {0, 1}."""
+    return int(is_equiv(extract_answer(response), gold))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model and tokenizer.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def tiny_tokenizer():
+    """A byte-level tokenizer with no merges, built offline: one token per byte, plus <pad>, <s>, </s>.
+    "5 + 3" -> [<s>, '5', 'Ġ', '+', 'Ġ', '3'] (Ġ is the byte-level space). Digits one per token helps a tiny model."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>"] + alphabet)}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def pick_device(cfg):
+    if cfg.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.device
+
+
+def load_model(cfg, path):
+    """(model, tokenizer). path "tiny" builds a fresh LlamaConfig model; anything else goes to from_pretrained."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    device = pick_device(cfg)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32  # bf16 weights on GPU; losses use fp32 log-softmax
+    if path == "tiny":
+        tok = tiny_tokenizer()
+        torch.manual_seed(cfg.seed)
+        mc = LlamaConfig(vocab_size=len(tok), hidden_size=cfg.d_model, intermediate_size=3 * cfg.d_model,
+                         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                         num_key_value_heads=cfg.n_heads, max_position_embeddings=cfg.max_len + cfg.max_new_tokens,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                         tie_word_embeddings=True)
+        model = LlamaForCausalLM(mc)
+    else:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    if tok.pad_token is None:  # many base models ship without one; padding is always masked, so EOS serves
+        tok.pad_token = tok.eos_token
+    if tok.eos_token is None:
+        raise ValueError(f"{path}: the tokenizer has no EOS token; stepneg needs one to end complete solutions")
+    return model.to(device=device, dtype=dtype), tok
+
+
+def save_model(model, tok, path):
+    tmp = path + ".tmp"
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if os.path.exists(path):
+        import shutil
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+def encode(tok, prompt, response, complete):
+    """The one place that decides token boundaries. Prompt and response are tokenised separately and concatenated,
+    so a BPE merge can never straddle the boundary and the loss mask is exactly the response's tokens (which are
+    what the model produced, or would produce, after this prompt). EOS ends complete solutions only: a rejected
+    partial step must not teach "stop here".
+    ("Question: 2+2?\\nAnswer:\\n", "2 + 2 = 4\\nThe answer is 4", True) -> (prompt_ids, response_ids + [eos])"""
+    p = tok(prompt, add_special_tokens=True)["input_ids"]
+    if p and p[-1] == tok.eos_token_id:  # some tokenizers append EOS to every encode
+        p = p[:-1]
+    r = tok(response, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if complete else [])
+    assert len(p) > 0 and (len(r) > 0 or not response), "encode: empty prompt, or a response with no tokens"
+    return p, r
+
+
+def batch_tensors(tok, examples, max_len, device):
+    """examples: [(prompt_ids, response_ids)] -> ids (B, T), attention (B, T), loss mask (B, T), right-padded.
+    Over-long examples lose the tail of their response (counted by the caller via the returned number)."""
+    rows, truncated = [], 0
+    for p, r in examples:
+        ids, mask = p + r, [0] * len(p) + [1] * len(r)
+        if len(ids) > max_len:
+            ids, mask, truncated = ids[:max_len], mask[:max_len], truncated + 1
+        rows.append((ids, mask))
+    T = max(len(ids) for ids, _ in rows)
+    pad = tok.pad_token_id
+    ids = torch.tensor([i + [pad] * (T - len(i)) for i, _ in rows], device=device)
+    att = torch.tensor([[1] * len(i) + [0] * (T - len(i)) for i, _ in rows], device=device)
+    mask = torch.tensor([m + [0] * (T - len(m)) for _, m in rows], device=device, dtype=torch.float32)
+    return ids, att, mask, truncated
+
+
+def sequence_logps(model, ids, att, mask):
+    """Sum of log pi(response token | everything before it), per row: (B,). Log-softmax in fp32 even under bf16."""
+    logits = model(input_ids=ids, attention_mask=att).logits[:, :-1].float()     # (B, T-1, V)
+    logp = torch.log_softmax(logits, dim=-1)                                       # (B, T-1, V)
+    tok_logp = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)               # (B, T-1)
+    return (tok_logp * mask[:, 1:]).sum(-1)                                        # (B,)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sampling: batched, left-padded, KV-cached generation (transformers' generate), seeded per batch.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def generate(model, tok, prompts, temperature, max_new_tokens, seed):
+    """One batch of rows -> (completions, tokens generated). temperature 0 = greedy.
+    ["Question: ...\\nAnswer:\\n", ...] -> ["7 + 5 = 12\\n...The answer is 9", ...]"""
+    model.eval()
+    tok.padding_side = "left"
+    enc = [tok(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    T = max(len(e) for e in enc)
+    device = next(model.parameters()).device
+    ids = torch.tensor([[tok.pad_token_id] * (T - len(e)) + e for e in enc], device=device)        # (B, T)
+    att = torch.tensor([[0] * (T - len(e)) + [1] * len(e) for e in enc], device=device)            # (B, T)
+    torch.manual_seed(seed)
+    kw = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else \
+        dict(do_sample=False)
+    out = model.generate(input_ids=ids, attention_mask=att, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+                         eos_token_id=tok.eos_token_id, **kw)[:, T:]                                # (B, new)
+    n_tokens = 0
+    texts = []
+    for row in out.tolist():
+        if tok.eos_token_id in row:
+            row = row[:row.index(tok.eos_token_id) + 1]
+        n_tokens += len(row)
+        texts.append(tok.decode(row, skip_special_tokens=True))
+    return texts, n_tokens
+
+
+def cached_generate(model, tok, rows, cfg, path, seed, desc, temperature=None):
+    """Generate for many rows [(key, prompt)] in batches of cfg.gen_batch, appending each finished batch to `path`
+    ({"key", "text", "batch"} per row). A restarted run skips the batches already on disk; batch b always gets the
+    same rows and seed, so a resumed run produces exactly what an uninterrupted one would.
+    -> ({key: text}, tokens generated now)"""
+    temperature = cfg.temperature if temperature is None else temperature
+    done = {}
+    if os.path.exists(path):
+        cached = read_jsonl(path, tolerant=True)
+        write_jsonl(path, cached)  # rewrite without a torn last line, so new batches append after whole rows
+        done = {r["key"]: r["text"] for r in cached}
+    batches = [rows[i:i + cfg.gen_batch] for i in range(0, len(rows), cfg.gen_batch)]
+    n_tokens = 0
+    for b, batch in enumerate(tqdm(batches, desc=desc, leave=False)):
+        if all(k in done for k, _ in batch):
+            continue
+        texts, n = generate(model, tok, [p for _, p in batch], temperature, cfg.max_new_tokens, seed * 100003 + b)
+        n_tokens += n
+        write_jsonl(path, [{"key": k, "text": t, "batch": b} for (k, _), t in zip(batch, texts)], mode="a")
+        done.update({k: t for (k, _), t in zip(batch, texts)})
+    return done, n_tokens
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Steps and rollouts: per-step credit by Monte-Carlo rollouts, the first pit, the per-step pairs.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def split_steps(text, cap=12, min_chars=10):
+    """A solution as steps: one per line; a line shorter than min_chars joins the next (no "tiny" steps),
+    and lines past the cap merge into the last step. "".join(steps) == text, always.
+    "7 + 5 = 12\\n12 - 3 = 9\\nThe answer is 9" -> ["7 + 5 = 12\\n", "12 - 3 = 9\\n", "The answer is 9"]"""
+    lines = text.splitlines(keepends=True)
+    steps = []
+    for line in lines:
+        if steps and (len(steps[-1].strip()) < min_chars or len(steps) >= cap):
+            steps[-1] += line
+        else:
+            steps.append(line)
+    return steps or [text]
+
+
+def collect_negatives(problems, samples, cap):
+    """Distinct wrong samples per problem: [{"pid", "nid", "response", "steps"}]."""
+    negs = []
+    for pid, (prob, s) in enumerate(zip(problems, samples)):
+        seen = set()
+        for text, ok in zip(s["responses"], s["correct"]):
+            if not ok and text not in seen and len(seen) < cap:
+                seen.add(text)
+                negs.append({"pid": pid, "nid": len(negs), "response": text})
+    return negs
+
+
+def step_values(model, tok, problems, negatives, cfg, out_dir):
+    """Q-hat for every step prefix of every negative, explored round by round (prefix length i = 1, 2, ...).
+    Each round sends all live prefixes of all negatives to the model as big batches of prefixes x M rows.
+    Q_i = fraction of the M rollouts from x + y_{1:i} whose final answer is correct; Q_L = r(x, y) = 0 needs none.
+    With credit=first_pit a negative leaves the search once a prefix has Q = 0 (its pit is found).
+    -> {nid: [Q_1, ..., Q_L] (None where not explored)}, {nid: {i: [correct continuations]}}, accounting."""
+    M, Q, wins, spent, tokens = cfg.rollouts, {}, {}, 0, 0
+    for n in negatives:
+        n["steps"] = split_steps(n["response"], cfg.step_cap)
+        Q[n["nid"]] = [None] * (len(n["steps"]) - 1) + [0.0]
+        wins[n["nid"]] = {}
+    live = [n for n in negatives if len(n["steps"]) > 1]
+    max_L = max((len(n["steps"]) for n in negatives), default=0)
+    t0 = time.time()
+    for i in range(1, max_L):
+        live = [n for n in live if i < len(n["steps"])]
+        if not live:
+            break
+        rows = []
+        for n in live:
+            prefix = "".join(n["steps"][:i])
+            rows += [(f"{n['nid']}/{i}/{j}", PROMPT.format(question=problems[n["pid"]]["question"]) + prefix)
+                     for j in range(M)]
+        texts, new_tokens = cached_generate(model, tok, rows, cfg, f"{out_dir}/rollouts.jsonl",
+                                            cfg.seed + 7919 * i, f"rollouts, prefix length {i}")
+        tokens += new_tokens
+        spent += len(rows)
+        for n in live:
+            prefix = "".join(n["steps"][:i])
+            conts = [texts[f"{n['nid']}/{i}/{j}"] for j in range(M)]
+            ok = [c for c in conts if reward(prefix + c, problems[n["pid"]]["gold"])]
+            Q[n["nid"]][i - 1] = len(ok) / M
+            wins[n["nid"]][i] = ok
+        if cfg.credit == "first_pit":
+            live = [n for n in live if Q[n["nid"]][i - 1] > 0]
+    return Q, wins, {"rollouts": spent, "rollout_tokens": tokens, "rollout_s": time.time() - t0}
+
+
+def find_pit(q0, qs, rule):
+    """The critical step c (1-based) of a negative from its prefix values, or None (no pair).
+    first_pit:      the first i with Q_i = 0, needing Q_{i-1} > 0.   q0=0.5, qs=[1, .25, 0, 0] -> 3
+    min_advantage:  argmin_i A_i, A_i = Q_i - Q_{i-1}, if negative.  q0=0.5, qs=[1, .25, 0, 0] -> 2 (A = -.75)"""
+    values = [q0] + list(qs)
+    if rule == "first_pit":
+        for i in range(1, len(values)):
+            if values[i] == 0:
+                return i if values[i - 1] > 0 else None
+        return None
+    adv = [values[i] - values[i - 1] for i in range(1, len(values))]
+    c = min(range(len(adv)), key=lambda k: adv[k])
+    return c + 1 if adv[c] < 0 else None
+
+
+def per_step_pairs(problems, samples, negatives, Q, wins, cfg):
+    """The per-step DPO pairs (PAPER.md). For a pit at step c of negative y-:
+      step form: prompt = x + y-_{1:c-1}, chosen = shortest correct rollout from that prompt (+EOS),
+                 rejected = y-_c alone (no EOS: it is a partial solution)
+      full form: prompt = x, chosen = a full correct solution, rejected = y-_{1:c} (no EOS)
+    {"prompt": "Question: ...\\nAnswer:\\n7 + 5 = 12\\n", "chosen": "12 - 3 = 9\\nThe answer is 9",
+     "rejected": "12 - 3 = 8\\n", ...}"""
+    pairs = []
+    for n in negatives:
+        s = samples[n["pid"]]
+        q0 = sum(s["correct"]) / len(s["correct"])  # Q_0 from the k samples at x: no extra rollouts needed
+        c = find_pit(q0, Q[n["nid"]], cfg.credit)
+        if c is None:
+            continue
+        correct_at_x = sorted((t for t, ok in zip(s["responses"], s["correct"]) if ok), key=len)
+        x = PROMPT.format(question=problems[n["pid"]]["question"])
+        prefix = "".join(n["steps"][:c - 1])
+        if cfg.pair_form == "full":
+            if not correct_at_x:
+                continue
+            prompt, chosen, rejected = x, correct_at_x[0], "".join(n["steps"][:c])
+        else:
+            options = correct_at_x if c == 1 else sorted(wins[n["nid"]].get(c - 1, []), key=len)
+            if not options:
+                continue
+            prompt, chosen, rejected = x + prefix, options[0], n["steps"][c - 1]
+        pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "rejected_complete": False,
+                      "pid": n["pid"], "nid": n["nid"], "pit": c, "n_steps": len(n["steps"]),
+                      "q": [q0] + Q[n["nid"]]})
+    return pairs
+
+
+def word_edit_distance(a, b):
+    """Levenshtein distance over whitespace-separated words."""
+    a, b = a.split(), b.split()
+    prev = list(range(len(b) + 1))
+    for i, wa in enumerate(a, 1):
+        cur = [i]
+        for j, wb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (wa != wb)))
+        prev = cur
+    return prev[-1]
+
+
+def outcome_pairs(problems, samples, cap):
+    """Outcome-DPO pairs: each distinct correct sample (up to cap) against the wrong sample of the same problem
+    farthest from it by edit distance (the stronger of the paper's outcome baselines). Both sides complete."""
+    pairs = []
+    for pid, s in enumerate(samples):
+        pos = list(dict.fromkeys(t for t, ok in zip(s["responses"], s["correct"]) if ok))[:cap]
+        neg = list(dict.fromkeys(t for t, ok in zip(s["responses"], s["correct"]) if not ok))
+        for p in pos if neg else []:
+            far = max(neg, key=lambda t: word_edit_distance(p, t))
+            pairs.append({"prompt": PROMPT.format(question=problems[pid]["question"]), "chosen": p, "rejected": far,
+                          "rejected_complete": True, "pid": pid})
+    return pairs
+
+
+def rft_positives(problems, samples, cap):
+    """RFT filter (Yuan et al. 2023; paper sec. 4): keep samples with r(x, y) = 1, drop exact duplicates, then
+    near-duplicates (same sequence of equations once words and spaces are removed, so a rephrasing of the same
+    computation counts once, the D_syn solution included), keep at most `cap` per problem.
+    -> [{"question", "response"}] ready for the SFT loop."""
+    kept = []
+    for prob, s in zip(problems, samples):
+        seen = {_equations(prob["response"])} if prob.get("response") else set()
+        n = 0
+        for text, ok in zip(s["responses"], s["correct"]):
+            key = _equations(text)
+            if ok and key not in seen and n < cap:
+                seen.add(key)
+                kept.append({"question": prob["question"], "response": text})
+                n += 1
+    return kept
+
+
+def _equations(text):
+    return re.sub(r"[^0-9=+\-*/().^]", "", text)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Losses: pure functions of tensors.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def sft_loss(token_logps, mask):
+    """-mean log pi(y_t | x, y_<t) over response tokens. token_logps, mask: (B, T)."""
+    return -(token_logps * mask).sum() / mask.sum().clamp(min=1)
+
+
+def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
+    """DPO (Rafailov et al. 2023), the paper's eq. for per-step pairs with pi_ref = pi_sft:
+        L = -log sigma( beta [log pi(y+|p) - log pi_ref(y+|p)] - beta [log pi(y-|p) - log pi_ref(y-|p)] )
+    All arguments (B,): summed log-probs of each response given its prompt. At pi = pi_ref, L = log 2.
+    -> (loss scalar, chosen rewards (B,), rejected rewards (B,))"""
+    chosen_reward = beta * (policy_chosen - ref_chosen)           # (B,)
+    rejected_reward = beta * (policy_rejected - ref_rejected)     # (B,)
+    loss = -F.logsigmoid(chosen_reward - rejected_reward).mean()
+    return loss, chosen_reward.detach(), rejected_reward.detach()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training loops: plain PyTorch, AdamW, linear warmup and decay.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def make_optimizer(model, lr, total_steps):
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
+    warm = max(1, total_steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, max(0.0, (total_steps - s) / max(1, total_steps - warm))))
+    return opt, sched
+
+
+def check_finite(loss, stage):
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"{stage}: the loss became {loss.item()}; lower the learning rate (--lr/--dpo_lr)")
+
+
+def train_sft(model, tok, examples, cfg, epochs, lr, desc):
+    """SFT: maximise log pi(y | x) on [{"question", "response"}], loss on response tokens only."""
+    device = next(model.parameters()).device
+    data = [encode(tok, PROMPT.format(question=e["question"]), e["response"], complete=True) for e in examples]
+    rng = random.Random(cfg.seed)
+    steps = epochs * math.ceil(len(data) / cfg.batch_size)
+    opt, sched = make_optimizer(model, lr, steps)
+    model.train()
+    log, truncated, t0, n_tok = [], 0, time.time(), 0
+    bar = tqdm(total=steps, desc=desc, leave=False)
+    for epoch in range(epochs):
+        order = list(range(len(data)))
+        rng.shuffle(order)
+        for b in range(0, len(order), cfg.batch_size):
+            ids, att, mask, tr = batch_tensors(tok, [data[i] for i in order[b:b + cfg.batch_size]], cfg.max_len, device)
+            truncated += tr
+            logits = model(input_ids=ids, attention_mask=att).logits[:, :-1].float()          # (B, T-1, V)
+            token_logps = -F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # (B, T-1)
+            loss = sft_loss(token_logps, mask[:, 1:])
+            check_finite(loss, desc)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
+            n_tok += int(att.sum())
+            bar.update(1)
+            if bar.n % cfg.log_every == 0 or bar.n == steps:
+                row = {"step": bar.n, "epoch": epoch, "loss": round(loss.item(), 4),
+                       "tokens_per_s": round(n_tok / (time.time() - t0))}
+                log.append(row)
+                bar.set_postfix(loss=row["loss"])
+                tqdm.write(f"  {desc} step {bar.n}/{steps} loss {row['loss']:.4f} {row['tokens_per_s']} tok/s")
+    bar.close()
+    return {"train_examples": len(data), "train_tokens": n_tok, "truncated": truncated, "log": log}
+
+
+def pair_batches(tok, pairs, cfg, device):
+    """Each pair -> (prompt ids, chosen ids), (prompt ids, rejected ids), tokenised in the one place (encode)."""
+    enc = []
+    for p in pairs:
+        pp, c = encode(tok, p["prompt"], p["chosen"], complete=True)
+        _, r = encode(tok, p["prompt"], p["rejected"], complete=p["rejected_complete"])
+        enc.append(((pp, c), (pp, r)))
+    return enc
+
+
+def dpo_logps(model, tok, enc_pairs, cfg, device):
+    """Chosen and rejected log-probs of a batch of encoded pairs in one forward: (B,), (B,)."""
+    ids, att, mask, _ = batch_tensors(tok, [c for c, _ in enc_pairs] + [r for _, r in enc_pairs], cfg.max_len, device)
+    logps = sequence_logps(model, ids, att, mask)                                       # (2B,)
+    return logps[:len(enc_pairs)], logps[len(enc_pairs):]
+
+
+def train_dpo(model, tok, pairs, cfg, desc):
+    """DPO against the frozen pi_sft. The reference log-probs are computed once, before training, with the very
+    model we start from (pi = pi_ref at step 0), so no second copy of the model stays in memory."""
+    device = next(model.parameters()).device
+    enc = pair_batches(tok, pairs, cfg, device)
+    model.eval()
+    ref_c, ref_r = [], []
+    with torch.no_grad():
+        for b in tqdm(range(0, len(enc), cfg.batch_size), desc=f"{desc}: reference log-probs", leave=False):
+            c, r = dpo_logps(model, tok, enc[b:b + cfg.batch_size], cfg, device)
+            ref_c.append(c.float())
+            ref_r.append(r.float())
+    ref_c, ref_r = torch.cat(ref_c), torch.cat(ref_r)                                   # (N,), (N,)
+    rng = random.Random(cfg.seed)
+    steps = cfg.dpo_epochs * math.ceil(len(enc) / cfg.batch_size)
+    opt, sched = make_optimizer(model, cfg.dpo_lr, steps)
+    model.train()
+    log, t0, seen = [], time.time(), 0
+    bar = tqdm(total=steps, desc=desc, leave=False)
+    for epoch in range(cfg.dpo_epochs):
+        order = list(range(len(enc)))
+        rng.shuffle(order)
+        for b in range(0, len(order), cfg.batch_size):
+            idx = order[b:b + cfg.batch_size]
+            pc, pr = dpo_logps(model, tok, [enc[i] for i in idx], cfg, device)
+            loss, cr, rr = dpo_loss(pc, pr, ref_c[idx], ref_r[idx], cfg.beta)
+            check_finite(loss, desc)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
+            seen += len(idx)
+            bar.update(1)
+            if bar.n % cfg.log_every == 0 or bar.n == steps:
+                row = {"step": bar.n, "loss": round(loss.item(), 4), "chosen_reward": round(cr.mean().item(), 4),
+                       "rejected_reward": round(rr.mean().item(), 4),
+                       "pair_acc": round((cr > rr).float().mean().item(), 3),
+                       "pairs_per_s": round(seen / (time.time() - t0), 1)}
+                log.append(row)
+                bar.set_postfix(loss=row["loss"])
+                tqdm.write(f"  {desc} step {bar.n}/{steps} loss {row['loss']:.4f} reward +{row['chosen_reward']:.3f}"
+                           f" / -{row['rejected_reward']:.3f} pair acc {row['pair_acc']:.2f} {row['pairs_per_s']} pairs/s")
+    bar.close()
+    return {"pairs": len(pairs), "log": log}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation: greedy pass@1 and the count of unparsable answers.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def evaluate(model, tok, problems, cfg, path, desc):
+    rows = [(str(i), PROMPT.format(question=p["question"])) for i, p in enumerate(problems)]
+    texts, _ = cached_generate(model, tok, rows, cfg, path + ".gen.jsonl", cfg.seed, desc, temperature=0.0)
+    records = []
+    for i, p in enumerate(problems):
+        pred = extract_answer(texts[str(i)])
+        records.append({"question": p["question"], "gold": p["gold"], "response": texts[str(i)], "pred": pred,
+                        "correct": int(is_equiv(pred, p["gold"]))})
+    write_jsonl(path, records)
+    n = len(records)
+    return {"accuracy": sum(r["correct"] for r in records) / n, "unparsable": sum(r["pred"] is None for r in records),
+            "n_test": n}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stages: each writes its evidence under out/<stage>/ and a done.json last; a stage with done.json is reused.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def stage_done(cfg, name):
+    path = f"{cfg.out}/{name}/done.json"
+    return json.load(open(path)) if os.path.exists(path) else None
+
+
+def finish_stage(cfg, name, result):
+    write_jsonl(f"{cfg.out}/metrics.jsonl", [{"stage": name, **{k: v for k, v in result.items() if k != 'log'}}],
+                mode="a")
+    with open(f"{cfg.out}/{name}/done.json.tmp", "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(f"{cfg.out}/{name}/done.json.tmp", f"{cfg.out}/{name}/done.json")
+    return result
+
+
+def run_sft(cfg, train):
+    """pi_sft: the initial model fine-tuned on D_syn, or --init when given."""
+    if cfg.init:
+        return cfg.init
+    path = f"{cfg.out}/sft/model"
+    if not stage_done(cfg, "sft"):
+        t0 = time.time()
+        model, tok = load_model(cfg, cfg.model)
+        data = [p for p in train if p["response"]]
+        if not data:
+            raise ValueError(f"{cfg.train}: no problem has a solution to imitate (a 'response', GSM8K 'answer' or "
+                             "MATH 'solution' field); SFT needs D_syn")
+        res = train_sft(model, tok, data, cfg, cfg.sft_epochs, cfg.lr, "sft")
+        save_model(model, tok, path)
+        finish_stage(cfg, "sft", {**res, "synthetic_problems": len(data), "wall_s": round(time.time() - t0, 1)})
+    return path
+
+
+def run_samples(cfg, train, sft_path):
+    """k samples per training problem from pi_sft, with their rewards: shared by RFT, outcome DPO and per-step."""
+    path = f"{cfg.out}/samples/samples.jsonl"
+    if not stage_done(cfg, "samples"):
+        t0 = time.time()
+        model, tok = load_model(cfg, sft_path)
+        rows = [(f"{i}/{j}", PROMPT.format(question=p["question"])) for i, p in enumerate(train)
+                for j in range(cfg.k_samples)]
+        os.makedirs(f"{cfg.out}/samples", exist_ok=True)
+        texts, n_tok = cached_generate(model, tok, rows, cfg, f"{cfg.out}/samples/generations.jsonl", cfg.seed,
+                                       "sampling from pi_sft")
+        samples = []
+        for i, p in enumerate(train):
+            resp = [texts[f"{i}/{j}"] for j in range(cfg.k_samples)]
+            samples.append({"question": p["question"], "gold": p["gold"], "responses": resp,
+                            "correct": [reward(r, p["gold"]) for r in resp]})
+        write_jsonl(path, samples)
+        n = len(samples) * cfg.k_samples
+        finish_stage(cfg, "samples", {"samples": n, "sample_tokens": n_tok,
+                                      "sample_accuracy": sum(sum(s["correct"]) for s in samples) / n,
+                                      "wall_s": round(time.time() - t0, 1)})
+    return read_jsonl(path)
+
+
+def run_rft(cfg, train, sft_path):
+    if not stage_done(cfg, "rft"):
+        samples = run_samples(cfg, train, sft_path)
+        t0 = time.time()
+        positives = rft_positives(train, samples, cfg.rft_cap)
+        write_jsonl(f"{cfg.out}/rft/positives.jsonl", positives)
+        model, tok = load_model(cfg, sft_path if cfg.rft_from_sft else cfg.model)
+        data = [{"question": p["question"], "response": p["response"]} for p in train if p["response"]] + positives
+        res = train_sft(model, tok, data, cfg, cfg.sft_epochs, cfg.lr, "rft")
+        save_model(model, tok, f"{cfg.out}/rft/model")
+        finish_stage(cfg, "rft", {**res, "rft_positives": len(positives), "wall_s": round(time.time() - t0, 1)})
+    return f"{cfg.out}/rft/model"
+
+
+def run_dpo(cfg, train, sft_path, name, make_pairs):
+    """Outcome or per-step DPO from pi_sft with pi_sft as the frozen reference."""
+    if not stage_done(cfg, name):
+        samples = run_samples(cfg, train, sft_path)
+        t0 = time.time()
+        os.makedirs(f"{cfg.out}/{name}", exist_ok=True)
+        model, tok = load_model(cfg, sft_path)
+        pairs, extra = make_pairs(model, tok, samples)
+        write_jsonl(f"{cfg.out}/{name}/pairs.jsonl", pairs)
+        if pairs:
+            res = train_dpo(model, tok, pairs, cfg, name)
+        else:  # e.g. every sample right, or none: nothing to prefer, so the model stays pi_sft (and we say so)
+            print(f"WARNING {name}: no pairs were built; the {name} model is pi_sft unchanged. "
+                  "More problems, --k_samples or --temperature give more pairs.")
+            res = {"pairs": 0, "log": []}
+        save_model(model, tok, f"{cfg.out}/{name}/model")
+        finish_stage(cfg, name, {**res, **extra, "wall_s": round(time.time() - t0, 1)})
+    return f"{cfg.out}/{name}/model"
+
+
+def per_step_pair_maker(cfg, train):
+    def make(model, tok, samples):
+        negatives = collect_negatives(train, samples, cfg.max_negatives)
+        Q, wins, acct = step_values(model, tok, train, negatives, cfg, f"{cfg.out}/per_step")
+        pairs = per_step_pairs(train, samples, negatives, Q, wins, cfg)
+        pits = [p["pit"] for p in pairs]
+        return pairs, {**acct, "negatives": len(negatives),
+                       "pit_histogram": {str(c): pits.count(c) for c in sorted(set(pits))},
+                       "pairs_per_1k_rollouts": round(1000 * len(pairs) / max(1, acct["rollouts"]), 1)}
+    return make
+
+
+def run_eval(cfg, test, name, model_path):
+    result = stage_done(cfg, f"eval_{name}")
+    if not result:
+        t0 = time.time()
+        model, tok = load_model(cfg, model_path)
+        os.makedirs(f"{cfg.out}/eval_{name}", exist_ok=True)
+        result = evaluate(model, tok, test, cfg, f"{cfg.out}/eval_{name}/responses.jsonl", f"eval {name}")
+        result = finish_stage(cfg, f"eval_{name}", {**result, "model": model_path, "wall_s": round(time.time() - t0, 1)})
+    print(f"eval {name}: accuracy {result['accuracy']:.3f} ({result['n_test']} problems, "
+          f"{result['unparsable']} unparsable)")
+    return result
+
+
+def summary(cfg, names):
+    """The table a run ends with: test accuracy and what each stage cost."""
+    lines = ["| stage | test acc | unparsable | train examples | pairs | rollouts | stage s | eval s |",
+             "|---|---|---|---|---|---|---|---|"]
+    samples = stage_done(cfg, "samples") or {}
+    for name in names:
+        st, ev = stage_done(cfg, name) or {}, stage_done(cfg, f"eval_{name}") or {}
+        wall = st.get("wall_s", 0) + (samples.get("wall_s", 0) if name != "sft" else 0)
+        lines.append(f"| {name} | {ev.get('accuracy', float('nan')):.3f} | {ev.get('unparsable', '-')} | "
+                     f"{st.get('train_examples', '-')} | {st.get('pairs', '-')} | {st.get('rollouts', '-')} | "
+                     f"{wall:.0f} | {ev.get('wall_s', 0):.0f} |")
+    if samples:
+        lines.append(f"\nsamples from pi_sft: {samples['samples']} (accuracy {samples['sample_accuracy']:.3f}, "
+                     f"{samples['wall_s']:.0f} s, counted in every stage that uses them)")
+    ps = stage_done(cfg, "per_step")
+    if ps and "per_step" in names:
+        lines.append(f"per-step: {ps['negatives']} negatives, {ps['rollouts']} rollouts, {ps['rollout_tokens']} "
+                     f"rollout tokens, {ps['pairs_per_1k_rollouts']} pairs per 1k rollouts, pit positions "
+                     f"{ps['pit_histogram']}")
+    text = "\n".join(lines)
+    with open(f"{cfg.out}/summary.md", "w") as f:
+        f.write(text + "\n")
+    return text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Main.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def check_out_folder(cfg):
+    """An output folder belongs to one set of result-changing settings: mixing would silently corrupt caches."""
+    path = f"{cfg.out}/config.json"
+    mine = {k: getattr(cfg, k) for k in RESULT_KEYS}
+    if os.path.exists(path):
+        theirs = json.load(open(path))
+        diff = [k for k in RESULT_KEYS if k in theirs and theirs[k] != mine[k]]
+        if diff:
+            raise SystemExit(f"{cfg.out} was made with other settings ({', '.join(f'--{k} {theirs[k]!r}' for k in diff)}"
+                             f"); use a new --out or the same settings")
+    os.makedirs(cfg.out, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(mine, f, indent=1)
+
+
+def main(argv=None):
+    cfg = parse_config(argv)
+    print("config:", json.dumps(dataclasses.asdict(cfg)))
+    if cfg.mode == "make_data":
+        train, test = make_toy_data()
+        write_jsonl("data/train.jsonl", train)
+        write_jsonl("data/test.jsonl", test)
+        print(f"wrote data/train.jsonl ({len(train)}) and data/test.jsonl ({len(test)})")
+        return
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    if pick_device(cfg) == "cpu":
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    train = load_problems(cfg.train, cfg.n_train) if cfg.mode != "eval" else []
+    test = load_problems(cfg.test, cfg.n_test)
+    check_out_folder(cfg)
+    if cfg.mode == "eval":
+        path = cfg.init or f"{cfg.out}/sft/model"
+        run_eval(cfg, test, "init" if cfg.init else "sft", path)
+        return
+    sft = run_sft(cfg, train)
+    names = ["sft"]
+    run_eval(cfg, test, "sft", sft)
+    if cfg.mode in ("rft", "all"):
+        run_eval(cfg, test, "rft", run_rft(cfg, train, sft))
+        names.append("rft")
+    if cfg.mode in ("dpo", "all"):
+        make = lambda model, tok, samples: (outcome_pairs(train, samples, cfg.rft_cap), {})  # noqa: E731
+        run_eval(cfg, test, "dpo", run_dpo(cfg, train, sft, "dpo", make))
+        names.append("dpo")
+    if cfg.mode in ("per_step", "all"):
+        run_eval(cfg, test, "per_step", run_dpo(cfg, train, sft, "per_step", per_step_pair_maker(cfg, train)))
+        names.append("per_step")
+    print("\n" + summary(cfg, names))
+
+
+if __name__ == "__main__":
+    main()

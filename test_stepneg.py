@@ -1,0 +1,309 @@
+"""Tests for stepneg.py. Run: python -m pytest -q"""
+import json
+import math
+import os
+import time
+
+import pytest
+import torch
+
+import stepneg as sn
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# ----------------------------------------------------------------------------------------------------------------
+# Answer checking
+# ----------------------------------------------------------------------------------------------------------------
+
+EXTRACT = [
+    ("7 + 5 = 12\n12 - 3 = 9\nThe answer is 9", "9"),
+    ("The answer is 9.\n", "9"),
+    ("so the answer is $18.", "18"),
+    ("The answer is: 1,250", "1,250"),
+    ("Natalia sold 48/2 = 24 clips in May.\nAltogether 48+24 = 72 clips.\n#### 72", "72"),
+    ("#### -3", "-3"),
+    ("Thus the area is $\\boxed{\\frac{\\sqrt{3}}{4}}$.", "\\frac{\\sqrt{3}}{4}"),
+    ("We get \\boxed{2} first, then \\boxed{(1, -2)}.", "(1, -2)"),
+    ("\\fbox{5}", "5"),
+    ("The answer is $\\boxed{\\dfrac{1}{2}}$", "\\dfrac{1}{2}"),
+    ("\\boxed 7", "7"),
+    ("The answer is 3. But wait, #### 4", "4"),
+    ("no final answer here", None),
+    ("\\boxed{\\frac{1}{2}", None),       # unclosed brace: no answer rather than a wrong one
+    ("", None),
+    (None, None),
+]
+
+
+@pytest.mark.parametrize("text,expected", EXTRACT)
+def test_extract_answer(text, expected):
+    assert sn.extract_answer(text) == expected
+
+
+EQUIV = [
+    ("72", "72", True), ("72", "73", False), ("1,000", "1000", True), ("1,000,000", "1000000", True),
+    ("$18", "18", True), ("18.00", "18", True), ("0.5", "\\frac{1}{2}", True), ("0.333", "\\frac{1}{3}", False),
+    ("\\dfrac{3}{4}", "\\frac34", True), ("\\tfrac12", "0.5", True), ("-3", "-3.0", True), ("-3", "3", False),
+    ("90^\\circ", "90", True), ("45^{\\circ}", "45", True), ("50\\%", "50", True), ("18 apples", "18", True),
+    ("5\\text{ cm}", "5", True), ("x = 2", "2", True), ("\\frac{\\sqrt{3}}{2}", "\\frac{\\sqrt3}{2}", True),
+    ("\\frac{1}{\\sqrt{2}}", "\\frac{\\sqrt{2}}{2}", True), ("2\\pi", "2 \\pi", True), ("\\pi", "3.14", False),
+    ("(1, 2)", "(1,2)", True), ("(1, 2)", "(2, 1)", False), ("(1, 2)", "[1, 2]", False),
+    ("[0, 1)", "[0,1)", True), ("[0, 1)", "[0, 1]", False), ("1, 2", "2, 1", True), ("1, 2", "1, 3", False),
+    ("2 \\frac{1}{2}", "\\frac{5}{2}", True), ("1.5e3", "1500", True), ("1.5 \\times 10^{3}", "1500", True), ("2e3", "200", False), ("\\left( 3, 4 \\right)", "(3,4)", True),
+    ("\\text{Monday}", "monday", True), ("\\text{(B)}", "(C)", False), ("2^{10}", "1024", True),
+    ("x^2+2x+1", "(x+1)^2", True), ("9^9^9^9", "1", False), (None, "1", False), ("garbage ]]{{", "1", False),
+]
+
+
+@pytest.mark.parametrize("pred,gold,expected", EQUIV)
+def test_is_equiv(pred, gold, expected):
+    assert sn.is_equiv(pred, gold) is expected
+
+
+def test_checker_is_bounded_and_never_raises():
+    evil = ["9^9^9^9^9", "10^{10^{10}}", "(" * 5000, "{" * 3000 + "1", "1" * 100_000, "__import__('os').system('x')",
+            "\\frac{" * 500, "x" * 200 + "!" * 50, "\\sqrt{\\sqrt{\\sqrt{" * 100, "((((((9**9**9))))))"]
+    for s in evil:
+        t0 = time.time()
+        sn.extract_answer(s)
+        sn.is_equiv(s, "1")
+        sn.is_equiv("The answer is " + s, s)
+        assert time.time() - t0 < 2.0, s[:40]
+
+
+def test_every_shipped_solution_checks_correct():
+    for p in sn.load_problems(os.path.join(HERE, "data/train.jsonl"), 500):
+        assert sn.reward(p["response"], p["gold"]) == 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_make_data_reproduces_shipped_files_byte_for_byte(tmp_path):
+    train, test = sn.make_toy_data()
+    sn.write_jsonl(str(tmp_path / "train.jsonl"), train)
+    sn.write_jsonl(str(tmp_path / "test.jsonl"), test)
+    for name in ("train.jsonl", "test.jsonl"):
+        assert (tmp_path / name).read_bytes() == open(os.path.join(HERE, "data", name), "rb").read()
+    assert not {p["question"] for p in train} & {p["question"] for p in test}
+
+
+def test_reads_gsm8k_math_and_plain(tmp_path):
+    f = tmp_path / "mixed.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in [
+        {"question": "Q1?", "answer": "Half of 48 is 48/2 = <<48/2=24>>24.\n#### 24"},
+        {"problem": "P2?", "solution": "So it is $\\boxed{\\frac{1}{2}}$."},
+        {"problem": "P3?", "solution": "Thus \\boxed{3}.", "answer": "3"},
+        {"question": "Q4?", "answer": "7", "response": "3 + 4 = 7\nThe answer is 7"},
+        {"question": "Q5?", "answer": "7"},
+    ]) + "\n")
+    ps = sn.load_problems(str(f))
+    assert [p["gold"] for p in ps] == ["24", "\\frac{1}{2}", "3", "7", "7"]
+    assert ps[0]["response"] == "Half of 48 is 48/2 = 24.\nThe answer is 24"
+    assert ps[4]["response"] is None
+    assert all(sn.reward(p["response"], p["gold"]) for p in ps[:4])
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"question": "q", "answer": "1"}\n{"question": "q2", "answer": \n', "line 2: not valid JSON"),
+    ('{"question": "q", "answer": "1"}\n{"question": "q2"}\n', "line 2: field 'answer'"),
+    ('{"problem": "p", "solution": "no box"}\n', "line 1: field 'solution' has no \\boxed"),
+    ('[1, 2]\n', "line 1: expected a JSON object"),
+    ("", "no problems (empty file)"),
+])
+def test_bad_input_names_file_line_and_field(tmp_path, content, message):
+    f = tmp_path / "bad.jsonl"
+    f.write_text(content)
+    with pytest.raises(ValueError) as e:
+        sn.load_problems(str(f))
+    assert str(f) in str(e.value) and message in str(e.value)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenization at the prompt|response boundary
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def bpe_tokenizer():
+    """A byte-level BPE trained offline on a few lines, so merges cross word boundaries like real ones do."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    text = ["Answer:\n12 + 30 = 42\nThe answer is 42", "Question: Mia has 7 pens.\nAnswer:\n7 + 5 = 12"] * 50
+    tk.train_from_iterator(text, trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "</s>"],
+                                                     initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="</s>", pad_token="<pad>")
+
+
+def test_bpe_boundary_prompt_then_response_tokens():
+    tok = bpe_tokenizer()
+    prompt, response = "Question: Mia has 7 pens.\nAnswer: ", "7 + 5 = 12\nThe answer is 12"
+    naive = tok(prompt + response)["input_ids"]
+    p_alone, r_alone = tok(prompt)["input_ids"], tok(response)["input_ids"]
+    assert naive != p_alone + r_alone  # the trap is real: a merge straddles the boundary
+    p, r = sn.encode(tok, prompt, response, complete=True)
+    assert p == p_alone and r == r_alone + [tok.eos_token_id]
+    ids, att, mask, _ = sn.batch_tensors(tok, [(p, r)], 512, "cpu")
+    assert ids[0].tolist() == p + r
+    assert mask[0].tolist() == [0.0] * len(p) + [1.0] * len(r)
+    assert tok.decode(ids[0][mask[0].bool()].tolist(), skip_special_tokens=True) == response
+    _, r_partial = sn.encode(tok, prompt, response, complete=False)
+    assert r_partial == r_alone  # a partial step never gets EOS
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Steps, first pit, pairs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_split_steps_lines_and_roundtrip():
+    text = "7 + 5 = 12\n12 - 3 = 9\nThe answer is 9"
+    assert sn.split_steps(text) == ["7 + 5 = 12\n", "12 - 3 = 9\n", "The answer is 9"]
+    math_text = "First,\nwe note that $x^2 = 4$.\nSo\n$x = 2$ or $x = -2$.\n\nHence \\boxed{2}."
+    steps = sn.split_steps(math_text)
+    assert "".join(steps) == math_text and all(len(s.strip()) >= 10 for s in steps[:-1])
+    long = "\n".join(f"line number {i} = {i}" for i in range(40))
+    capped = sn.split_steps(long, cap=12)
+    assert len(capped) == 12 and "".join(capped) == long
+
+
+def test_find_pit_rules():
+    assert sn.find_pit(0.5, [1.0, 0.25, 0.0, 0.0], "first_pit") == 3
+    assert sn.find_pit(0.5, [1.0, 0.25, 0.0, 0.0], "min_advantage") == 2
+    assert sn.find_pit(0.5, [0.0], "first_pit") == 1
+    assert sn.find_pit(0.0, [0.0, 0.0], "first_pit") is None    # never alive: no pair
+    assert sn.find_pit(0.5, [0.5, 1.0], "min_advantage") is None  # no step loses value: no pair
+
+
+def scripted_generate(prompts, *_):
+    """A fake policy with known values: it finishes any prompt correctly unless the prompt holds a step marked
+    BAD, after which it always fails. Answers are the toy's: the gold is always 9."""
+    texts = ["The answer is 8" if "BAD" in p else "ok\nThe answer is 9" for p in prompts]
+    return texts, sum(len(t) for t in texts)
+
+
+@pytest.mark.parametrize("credit", ["first_pit", "min_advantage"])
+def test_rollout_search_finds_the_planted_step(tmp_path, monkeypatch, credit):
+    monkeypatch.setattr(sn, "generate", lambda model, tok, prompts, *a: scripted_generate(prompts))
+    cfg = sn.Config(rollouts=3, credit=credit, out=str(tmp_path))
+    problems = [{"question": f"q{i}", "gold": "9", "response": None} for i in range(3)]
+    wrong = ["step one ok\nstep two ok\nstep BAD three\nstep four xx\nThe answer is 8",
+             "step one BAD\nstep two ok\nThe answer is 8",
+             "step one ok\nstep two ok\nThe answer is 7"]
+    samples = [{"responses": [w, "The answer is 9"], "correct": [0, 1]} for w in wrong]
+    negs = sn.collect_negatives(problems, samples, cap=8)
+    Q, wins, acct = sn.step_values(None, None, problems, negs, cfg, str(tmp_path))
+    assert Q[0][:3] == [1.0, 1.0, 0.0] and Q[1][0] == 0.0 and Q[2] == [1.0, 1.0, 0.0]
+    pairs = sn.per_step_pairs(problems, samples, negs, Q, wins, cfg)
+    assert [p["pit"] for p in pairs] == [3, 1, 3]
+    assert pairs[0]["prompt"].endswith("Answer:\nstep one ok\nstep two ok\n")
+    assert pairs[0]["rejected"] == "step BAD three\n" and pairs[0]["chosen"] == "ok\nThe answer is 9"
+    assert pairs[1]["prompt"] == sn.PROMPT.format(question="q1") and pairs[1]["rejected"] == "step one BAD\n"
+    assert pairs[2]["rejected"] == "The answer is 7"
+    # first_pit stops exploring a negative at its pit; min_advantage explores every prefix but the last
+    assert acct["rollouts"] == 3 * ((3 + 1 + 2) if credit == "first_pit" else (4 + 2 + 2))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Losses
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_dpo_loss_is_log2_at_reference_and_gradient_moves_the_right_way():
+    pc = torch.tensor([-5.0, -7.0], requires_grad=True)
+    pr = torch.tensor([-6.0, -4.0], requires_grad=True)
+    loss, cr, rr = sn.dpo_loss(pc, pr, pc.detach().clone(), pr.detach().clone(), beta=0.1)
+    assert abs(loss.item() - math.log(2)) < 1e-6 and cr.abs().sum() == 0 and rr.abs().sum() == 0
+    loss.backward()
+    assert (pc.grad < 0).all() and (pr.grad > 0).all()  # descent raises log pi(chosen), lowers log pi(rejected)
+
+
+def test_dpo_training_raises_chosen_over_rejected():
+    cfg = sn.Config(d_model=32, n_layers=1, n_heads=2, batch_size=4, dpo_epochs=8, dpo_lr=3e-3, beta=0.5, log_every=100)
+    model, tok = sn.load_model(cfg, "tiny")
+    pairs = [{"prompt": "Question: 2+2?\nAnswer:\n", "chosen": "2 + 2 = 4\nThe answer is 4", "rejected": "2 + 2 = 5\n",
+              "rejected_complete": False}] * 4
+    enc = sn.pair_batches(tok, pairs, cfg, "cpu")
+    with torch.no_grad():
+        c0, r0 = sn.dpo_logps(model, tok, enc, cfg, "cpu")
+    log = sn.train_dpo(model, tok, pairs, cfg, "dpo-test")["log"]
+    with torch.no_grad():
+        c1, r1 = sn.dpo_logps(model, tok, enc, cfg, "cpu")
+    assert (c1 - c0).mean() > (r1 - r0).mean() and log[-1]["loss"] < math.log(2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Whole runs on a miniature config
+# ----------------------------------------------------------------------------------------------------------------
+
+MINI = ["--train", os.path.join(HERE, "data/train.jsonl"), "--test", os.path.join(HERE, "data/test.jsonl"), "--n_train", "12", "--n_test", "6", "--d_model", "32", "--n_layers", "1", "--n_heads", "2", "--sft_epochs", "1",
+        "--k_samples", "2", "--max_new_tokens", "16", "--rollouts", "2", "--batch_size", "8", "--dpo_epochs", "1"]
+
+
+def test_every_mode_runs_on_a_miniature_config(tmp_path):
+    out = str(tmp_path / "run")
+    for mode in ["sft", "rft", "dpo", "per_step", "eval"]:
+        sn.main(MINI + ["--mode", mode, "--out", out])
+    for f in ["sft/model/config.json", "samples/samples.jsonl", "rft/positives.jsonl", "dpo/pairs.jsonl",
+              "per_step/pairs.jsonl", "per_step/model/config.json", "eval_sft/responses.jsonl", "metrics.jsonl",
+              "summary.md"]:
+        assert os.path.exists(os.path.join(out, f)), f
+    stages = [json.loads(line)["stage"] for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert stages.count("sft") == 1  # later modes reused the finished SFT stage instead of redoing it
+
+
+def test_scripted_policy_run_builds_pairs_and_trains(tmp_path, monkeypatch):
+    """The whole per-step chain with a policy that is right half the time, so negatives, pits and pairs exist."""
+    gold = {p["question"]: p["gold"] for p in sn.load_problems(os.path.join(HERE, "data/train.jsonl"), 12)}
+    gold.update({p["question"]: p["gold"] for p in sn.load_problems(os.path.join(HERE, "data/test.jsonl"), 6)})
+    calls = {"n": 0}
+
+    def half_right(model, tok, prompts, temperature, max_new, seed):
+        texts = []
+        for p in prompts:
+            calls["n"] += 1
+            answer = gold[p.split("Question: ")[1].split("\nAnswer:")[0]]
+            texts.append(f"1 + 1 = 2\nThe answer is {answer}" if calls["n"] % 3 else "1 + 1 = 3\nThe answer is -1")
+        return texts, len(texts)
+    monkeypatch.setattr(sn, "generate", half_right)
+    out = str(tmp_path / "run")
+    sn.main(MINI + ["--mode", "all", "--out", out])
+    pairs = sn.read_jsonl(os.path.join(out, "per_step/pairs.jsonl"))
+    assert pairs and all(not p["rejected"].endswith("</s>") for p in pairs)
+    assert sn.read_jsonl(os.path.join(out, "dpo/pairs.jsonl"))
+    assert "| per_step |" in open(os.path.join(out, "summary.md")).read()
+
+
+def test_changed_setting_against_existing_folder_is_refused(tmp_path):
+    out = str(tmp_path / "run")
+    sn.main(MINI + ["--mode", "sft", "--out", out])
+    with pytest.raises(SystemExit) as e:
+        sn.main(MINI + ["--mode", "sft", "--out", out, "--lr", "0.1"])
+    assert "--lr" in str(e.value)
+
+
+def test_real_model_path_loads_a_saved_model(tmp_path):
+    cfg = sn.Config(d_model=32, n_layers=1, n_heads=2)
+    model, tok = sn.load_model(cfg, "tiny")
+    sn.save_model(model, tok, str(tmp_path / "my-model"))
+    out = str(tmp_path / "run")
+    sn.main(MINI + ["--mode", "sft", "--model", str(tmp_path / "my-model"), "--out", out])
+    sn.main(MINI + ["--mode", "eval", "--init", str(tmp_path / "my-model"), "--out", out + "-eval"])
+    assert os.path.exists(os.path.join(out, "sft/model/model.safetensors"))
+    assert os.path.exists(os.path.join(out + "-eval", "eval_init/responses.jsonl"))
+
+
+def test_resumed_sampling_matches_uninterrupted(tmp_path):
+    cfg = sn.Config(d_model=32, n_layers=1, n_heads=2, gen_batch=4, max_new_tokens=8)
+    model, tok = sn.load_model(cfg, "tiny")
+    rows = [(str(i), f"Question: {i}\nAnswer:\n") for i in range(10)]
+    full, _ = sn.cached_generate(model, tok, rows, cfg, str(tmp_path / "a.jsonl"), 0, "a")
+    sn.cached_generate(model, tok, rows[:4], cfg, str(tmp_path / "b.jsonl"), 0, "b")  # "killed" after batch 0
+    with open(tmp_path / "b.jsonl", "a") as f:
+        f.write('{"key": "4", "te')  # and a torn line from the crash
+    resumed, _ = sn.cached_generate(model, tok, rows, cfg, str(tmp_path / "b.jsonl"), 0, "b")
+    assert resumed == full
