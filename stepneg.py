@@ -49,20 +49,20 @@ class Config:
     init: str = ""               # an existing SFT checkpoint to use as pi_sft (skips the SFT stage)
     device: str = "auto"         # auto | cpu | cuda
     seed: int = 0
-    n_train: int = 1500          # training problems used by every stage (D_syn size n); 0 = all
-    n_test: int = 400            # test problems evaluated; 0 = all
+    n_train: int = 1000          # training problems used by every stage (D_syn size n); 0 = all
+    n_test: int = 0              # test problems evaluated; 0 = all
     max_len: int = 256           # tokens per prompt+response; longer examples are truncated (and counted)
     # the tiny model (only when --model tiny)
     d_model: int = 128
     n_layers: int = 4
     n_heads: int = 4
     # SFT (and RFT, which reuses the SFT loop)
-    sft_epochs: int = 6
-    lr: float = 2e-3             # tiny model from scratch; use ~1e-5 for a pretrained 7B
+    sft_epochs: int = 16
+    lr: float = 3e-3             # tiny model from scratch; use ~1e-5 for a pretrained 7B
     batch_size: int = 32
     # sampling from pi_sft (RFT positives, negatives, rollouts)
     k_samples: int = 4           # samples per training problem
-    temperature: float = 1.0
+    temperature: float = 0.7     # paper: 0.7-1.0; 0.7 gave fewer noise negatives here
     max_new_tokens: int = 64
     gen_batch: int = 256         # rows per generate call
     # RFT
@@ -70,13 +70,13 @@ class Config:
     rft_from_sft: bool = False   # default: start RFT from the same initial model as SFT (equal-problem comparison)
     # per-step credit
     rollouts: int = 4            # M (the paper's Best-of-K uses K = 5)
-    max_negatives: int = 8       # distinct wrong samples kept per problem
+    max_negatives: int = 2       # distinct wrong samples kept per problem (paper: up to 8; 2 keeps the CPU default short)
     step_cap: int = 12           # at most this many steps per solution (extra lines merge into the last)
     credit: str = "first_pit"    # first_pit (paper) | min_advantage
     pair_form: str = "step"      # step: rejected = the pit step alone | full: (x, y+, y-_{1:c}) shorthand
     # DPO (outcome and per-step)
     beta: float = 0.1
-    dpo_lr: float = 2e-4
+    dpo_lr: float = 5e-5
     dpo_epochs: int = 2
     log_every: int = 20          # training steps between log lines
 
@@ -579,14 +579,13 @@ def cached_generate(model, tok, rows, cfg, path, seed, desc, temperature=None):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def split_steps(text, cap=12, min_chars=10):
-    """A solution as steps: one per line; a line shorter than min_chars joins the next (no "tiny" steps),
-    and lines past the cap merge into the last step. "".join(steps) == text, always.
+def split_steps(text, cap=12, min_words=3):
+    """A solution as steps: one per line; a line of fewer than min_words words ("So", "First,", a blank line)
+    joins the next, so no step is tiny, and lines past the cap merge into the last step. "".join(steps) == text.
     "7 + 5 = 12\\n12 - 3 = 9\\nThe answer is 9" -> ["7 + 5 = 12\\n", "12 - 3 = 9\\n", "The answer is 9"]"""
-    lines = text.splitlines(keepends=True)
     steps = []
-    for line in lines:
-        if steps and (len(steps[-1].strip()) < min_chars or len(steps) >= cap):
+    for line in text.splitlines(keepends=True):
+        if steps and (len(steps[-1].split()) < min_words or len(steps) >= cap):
             steps[-1] += line
         else:
             steps.append(line)
@@ -764,8 +763,8 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def make_optimizer(model, lr, total_steps):
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
+def make_optimizer(model, lr, total_steps, betas=(0.9, 0.95)):
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=betas)
     warm = max(1, total_steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warm, max(0.0, (total_steps - s) / max(1, total_steps - warm))))
@@ -844,7 +843,8 @@ def train_dpo(model, tok, pairs, cfg, desc):
     ref_c, ref_r = torch.cat(ref_c), torch.cat(ref_r)                                   # (N,), (N,)
     rng = random.Random(cfg.seed)
     steps = cfg.dpo_epochs * math.ceil(len(enc) / cfg.batch_size)
-    opt, sched = make_optimizer(model, cfg.dpo_lr, steps)
+    # beta2 = 0.999: a fine-tuning run this short is hurt by Adam's noisy early second-moment estimates
+    opt, sched = make_optimizer(model, cfg.dpo_lr, steps, betas=(0.9, 0.999))
     model.train()
     log, t0, seen = [], time.time(), 0
     bar = tqdm(total=steps, desc=desc, leave=False)
@@ -868,8 +868,9 @@ def train_dpo(model, tok, pairs, cfg, desc):
                        "pairs_per_s": round(seen / (time.time() - t0), 1)}
                 log.append(row)
                 bar.set_postfix(loss=row["loss"])
-                tqdm.write(f"  {desc} step {bar.n}/{steps} loss {row['loss']:.4f} reward +{row['chosen_reward']:.3f}"
-                           f" / -{row['rejected_reward']:.3f} pair acc {row['pair_acc']:.2f} {row['pairs_per_s']} pairs/s")
+                tqdm.write(f"  {desc} step {bar.n}/{steps} loss {row['loss']:.4f} reward chosen {row['chosen_reward']:+.3f}"
+                           f" rejected {row['rejected_reward']:+.3f} pair acc {row['pair_acc']:.2f} "
+                           f"{row['pairs_per_s']} pairs/s")
     bar.close()
     return {"pairs": len(pairs), "log": log}
 

@@ -71,6 +71,22 @@ def test_checker_is_bounded_and_never_raises():
         assert time.time() - t0 < 2.0, s[:40]
 
 
+def test_fuzz_checker_never_raises_and_stays_fast():
+    import random
+    rng = random.Random(0)
+    atoms = ["1", "23", "-", "+", "*", "/", "^", "(", ")", "[", "]", "{", "}", ",", ".", "=", "x", "\\frac", "\\sqrt",
+             "\\boxed{", "\\text{", "\\pi", "%", "$", " ", "The answer is ", "#### ", "\\left(", "e", "!", "__", "\\\\"]
+    slowest = 0.0
+    for _ in range(2000):
+        s = "".join(rng.choice(atoms) for _ in range(rng.randint(0, 30)))
+        t0 = time.time()
+        a = sn.extract_answer(s)
+        assert a is None or isinstance(a, str)
+        assert isinstance(sn.is_equiv(a, s), bool) and isinstance(sn.is_equiv(s, "2"), bool)
+        slowest = max(slowest, time.time() - t0)
+    assert slowest < 2.0
+
+
 def test_every_shipped_solution_checks_correct():
     for p in sn.load_problems(os.path.join(HERE, "data/train.jsonl"), 500):
         assert sn.reward(p["response"], p["gold"]) == 1
@@ -165,7 +181,8 @@ def test_split_steps_lines_and_roundtrip():
     assert sn.split_steps(text) == ["7 + 5 = 12\n", "12 - 3 = 9\n", "The answer is 9"]
     math_text = "First,\nwe note that $x^2 = 4$.\nSo\n$x = 2$ or $x = -2$.\n\nHence \\boxed{2}."
     steps = sn.split_steps(math_text)
-    assert "".join(steps) == math_text and all(len(s.strip()) >= 10 for s in steps[:-1])
+    assert "".join(steps) == math_text and all(len(s.split()) >= 3 for s in steps[:-1])
+    assert steps[0] == "First,\nwe note that $x^2 = 4$.\n"
     long = "\n".join(f"line number {i} = {i}" for i in range(40))
     capped = sn.split_steps(long, cap=12)
     assert len(capped) == 12 and "".join(capped) == long
