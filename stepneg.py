@@ -272,23 +272,33 @@ def extract_answer(text):
 
 def _normalize(s):
     """Surface clean-up before comparison: "\\$1,000.00" -> "1000.00", "90^\\circ" -> "90", "\\dfrac12" -> "\\frac{1}{2}"."""
-    s = s.strip()
-    s = re.sub(r"\\text\{\s*([^{}]*)\}|\\mbox\{\s*([^{}]*)\}|\\textbf\{([^{}]*)\}",
-               lambda m: " " + next(g for g in m.groups() if g is not None), s).strip()
-    s = re.sub(r"^(-?[\d.]+)\s*\\times\s*10\^\{?(-?\d+)\}?$", r"\1e\2", s)   # "1.5 \times 10^{3}" -> "1.5e3"
-    for a, b in [("\\left", ""), ("\\right", ""), ("\\!", ""), ("\\,", ""), ("\\;", ""), ("\\:", ""), ("\\ ", " "),
-                 ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\displaystyle", ""), ("\\$", ""), ("$", ""),
-                 ("\\%", ""), ("%", ""), ("^\\circ", ""), ("^{\\circ}", ""), ("°", ""), ("\\le", "<="), ("\\ge", ">=")]:
+    s = s.strip().replace("\\\\", "\n")  # a matrix row break; "\\ " would otherwise read as a spaced "\ "
+    for a, b in [("−", "-"), ("π", "\\pi"), ("∞", "\\infty"), ("\\left", ""), ("\\right", ""), ("\\!", ""),
+                 ("\\,", ""), ("\\;", ""), ("\\:", ""), ("\\ ", " "), ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"),
+                 ("\\displaystyle", ""), ("\\$", ""), ("$", ""), ("^\\circ", ""), ("^{\\circ}", ""), ("°", ""),
+                 ("\\mathrm{", "\\text{"), ("\\textbf{", "\\text{"), ("\\mbox{", "\\text{"), ("\\leq", "<="),
+                 ("\\geq", ">="), ("\\lbrace", "\\{"), ("\\rbrace", "\\}")]:
         s = s.replace(a, b)
+    s = re.sub(r"\\text\{\s*([^{}]*)\}", r" \1", s).strip()
+    s = re.sub(r"^(-?[\d.]+)\s*(\\times|\\cdot)\s*10\^\{?(-?\d+)\}?$", r"\1e\3", s)  # "1.5 \times 10^{3}" -> "1.5e3"
     s = re.sub(r"\s*(degrees?|percent|dollars?|units?|cents?)\s*$", "", s)
-    s = re.sub(r"^([a-zA-Z]|\\[a-z]+)\s*=\s*", "", s)         # "x = 2" -> "2"
+    s = re.sub(r"^([a-zA-Z]|\\[a-z]+)\s*(=|\\in)\s*", "", s)    # "x = 2" -> "2", "x \in [0, 1]" -> "[0, 1]"
     s = re.sub(r"\\(frac|sqrt)\s*(\w)(\w)?", lambda m: f"\\{m[1]}{{{m[2]}}}" + (f"{{{m[3]}}}" if m[3] else ""), s)
+    s = re.sub(r"_\{(\w+)\}", r"_\1", s)                         # "101_{2}" -> "101_2"
     if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s.replace(" ", "")):
-        s = s.replace(",", "").replace(" ", "")            # thousands separators
-    m = re.fullmatch(r"(-?[\d.]+)\s+([a-zA-Z][a-zA-Z ]*)(\^?\d)?", s)
-    if m:                                                  # "18 apples", "5 cm^2" -> the number
+        s = s.replace(",", "").replace(" ", "")                # thousands separators
+    m = re.fullmatch(r"(-?[\d.]+)\s+([a-zA-Z][a-zA-Z ]*)(\^?\{?\d\}?)?", s)
+    if m:                                                      # "18 apples", "5 cm^2" -> the number
         s = m.group(1)
     return s.strip().rstrip(".").strip()
+
+
+def _matrix(s):
+    """Normalised "\\begin{pmatrix} 1 & 2 \\n 3 & 4 \\end{pmatrix}" -> [["1", "2"], ["3", "4"]]; None if not one."""
+    m = re.fullmatch(r"\\begin\{[pbvB]?matrix\}(.*)\\end\{[pbvB]?matrix\}", s.strip(), re.S)
+    if not m:
+        return None
+    return [[c.strip() for c in row.split("&")] for row in m.group(1).split("\n") if row.strip()]
 
 
 _NUMBER = re.compile(r"-?(\d+\.?\d*|\.\d+)([eE][-+]?\d{1,3})?")
@@ -301,10 +311,15 @@ def _latex_to_sympy(s):
     if len(s) > 200:
         return None
     for _ in range(20):  # innermost-first rewriting of \frac{a}{b} and \sqrt{a}; bounded
-        m = re.search(r"\\frac\{([^{}]*)\}\{([^{}]*)\}", s) or re.search(r"\\sqrt\{([^{}]*)\}", s)
+        m = re.search(r"\\frac\{([^{}]*)\}\{([^{}]*)\}", s) or re.search(r"\\sqrt\[([^{}\[\]]*)\]\{([^{}]*)\}", s)
+        if m:  # \frac{a}{b} -> ((a)/(b)),  \sqrt[n]{a} -> ((a)**(1/(n)))
+            s = s[:m.start()] + (f"(({m[1]})/({m[2]}))" if m[0].startswith("\\frac") else
+                                 f"(({m[2]})**(1/({m[1]})))") + s[m.end():]
+            continue
+        m = re.search(r"\\sqrt\{([^{}]*)\}", s)
         if not m:
             break
-        s = s[:m.start()] + (f"(({m[1]})/({m[2]}))" if m.lastindex == 2 else f"(sqrt(({m[1]})))") + s[m.end():]
+        s = s[:m.start()] + f"(sqrt(({m[1]})))" + s[m.end():]
     for a, b in [("\\cdot", "*"), ("\\times", "*"), ("\\div", "/"), ("\\pi", "pi"), ("\\infty", "oo"), ("^", "**"),
                  ("{", "("), ("}", ")"), ("\\sin", "sin"), ("\\cos", "cos"), ("\\tan", "tan"), ("\\ln", "log"),
                  ("\\log", "log"), ("\\exp", "exp")]:
@@ -313,6 +328,8 @@ def _latex_to_sympy(s):
         return None
     if any(len(w) > 1 and w not in _SAFE_NAMES for w in re.findall(r"[a-zA-Z]+", s)):
         return None                                         # only single-letter symbols and known functions
+    if re.search(r"\*\*\s*\([^()]*\*\*|\*\*\s*\(?[^()+\-*/]*\)?\s*\*\*", s):
+        return None                                         # a power in an exponent (towers): too big to evaluate
     if s.count("**") > 2 or any(len(d) > 40 for d in re.findall(r"\d+", s)):
         return None                                         # 9^9^9^9 and 10^(huge) never reach sympy
     if any(abs(int(e)) > 300 for e in re.findall(r"\*\*\s*\(?\s*-?(\d{1,40})", s)):
@@ -346,7 +363,7 @@ def _sympy_equal(a, b):
         implicit_multiplication_application
     # rationalize: decimals become exact rationals, so 0.333 != 1/3 while 0.5 == 1/2.
     tr = standard_transformations + (implicit_multiplication_application, rationalize)
-    names = {"sqrt": sympy.sqrt, "pi": sympy.pi, "oo": sympy.oo, "I": sympy.I, "sin": sympy.sin, "cos": sympy.cos,
+    names = {"sqrt": sympy.sqrt, "pi": sympy.pi, "oo": sympy.oo, "I": sympy.I, "e": sympy.E,  # MATH's e is Euler's "sin": sympy.sin, "cos": sympy.cos,
              "tan": sympy.tan, "log": sympy.log, "exp": sympy.exp}
     x, y = (parse_expr(t, local_dict=dict(names), transformations=tr, evaluate=True) for t in (a, b))
     diff = sympy.simplify(x - y)
@@ -366,53 +383,83 @@ def _split_top(s):
     return parts + [cur]
 
 
+def _mixed_number(s):
+    """"2\\frac{1}{2}" or "2 1/2" -> "5/2"; anything else unchanged."""
+    m = re.fullmatch(r"(-?\d+)\s*\\frac\{(\d+)\}\{(\d+)\}|(-?\d+)\s+(\d+)/(\d+)", s)
+    if not m:
+        return s
+    w, n, d = [int(g) for g in m.groups() if g is not None]
+    return str(Fraction(w) + (Fraction(n, d) if w >= 0 else -Fraction(n, d))) if d else s
+
+
 def _equal_scalar(a, b):
     if a == b:
         return True
     if _NUMBER.fullmatch(a) and _NUMBER.fullmatch(b):       # the fast path every toy answer takes
         return Fraction(a) == Fraction(b)
-    mixed = re.fullmatch(r"(-?\d+)\s*\\frac\{(\d+)\}\{(\d+)\}|(-?\d+)\s+(\d+)/(\d+)", a)
-    if mixed:                                               # "2\frac{1}{2}" / "2 1/2" -> 5/2
-        w, n, d = [int(g) for g in mixed.groups() if g is not None]
-        a = str(Fraction(w) + (Fraction(n, d) if w >= 0 else -Fraction(n, d)))
+    a, b = _mixed_number(a), _mixed_number(b)
     sa, sb = _latex_to_sympy(a), _latex_to_sympy(b)
     if sa is None or sb is None:
         return a.lower().replace(" ", "") == b.lower().replace(" ", "")
     try:
-        return bool(_with_time_limit(1.0, _sympy_equal, sa, sb))
+        return bool(_with_time_limit(0.5, _sympy_equal, sa, sb))
     except Exception:  # _Timeout, sympy's SyntaxError/TypeError/...: a malformed answer is simply not equal
         return a.replace(" ", "") == b.replace(" ", "")
+
+
+def _equal_structured(a, b):
+    """Compare normalised answers: matrices cell by cell, unions of intervals piece by piece, tuples and intervals
+    in order with matching brackets, sets and bare lists as multisets, anything else as one expression."""
+    ma, mb = _matrix(a), _matrix(b)
+    if ma is not None or mb is not None:
+        return ma is not None and mb is not None and [len(r) for r in ma] == [len(r) for r in mb] and \
+            all(_equal_scalar(x, y) for ra, rb in zip(ma, mb) for x, y in zip(ra, rb))
+    if "\\cup" in a or "\\cup" in b:
+        xs, ys = a.split("\\cup"), b.split("\\cup")
+        return len(xs) == len(ys) and all(_equal_structured(x.strip(), y.strip()) for x, y in zip(xs, ys))
+    brackets = ("()", "[]", "(]", "[)")
+    if a[:1] + a[-1:] in brackets or b[:1] + b[-1:] in brackets:
+        xs, ys = _split_top(a[1:-1]), _split_top(b[1:-1])
+        if len(xs) > 1 or len(ys) > 1:                      # tuples and intervals: in order, brackets must match
+            return a[:1] + a[-1:] == b[:1] + b[-1:] and len(xs) == len(ys) and \
+                all(_equal_scalar(x.strip(), y.strip()) for x, y in zip(xs, ys))
+    if a.startswith("\\{") and a.endswith("\\}"):             # a set: its elements, in any order
+        a = a[2:-2]
+    if b.startswith("\\{") and b.endswith("\\}"):
+        b = b[2:-2]
+    xs, ys = _split_top(a), _split_top(b)
+    if len(xs) > 1 or len(ys) > 1:                          # unordered lists, e.g. the roots of a polynomial
+        if len(xs) != len(ys):
+            return False
+        left = [y.strip() for y in ys]
+        for x in xs:
+            hit = next((i for i, y in enumerate(left) if _equal_scalar(x.strip(), y)), None)
+            if hit is None:
+                return False
+            left.pop(hit)
+        return True
+    return _equal_scalar(a, b)
 
 
 @lru_cache(maxsize=100_000)
 def is_equiv(pred, gold):
     """Mathematical equality of two final answers. "1,000" == "1000"; "\\frac{1}{2}" == "0.5"; "(1, 2)" != "[1, 2]";
-    "x = 3" == "3"; "2, 1" == "1, 2" (a list of roots); "0.333" != "\\frac13". None is never equal."""
+    "x = 3" == "3"; "2, 1" == "1, 2" (a list of roots); "0.333" != "\\frac13"; "50\\%" == "50" == "0.5" only by percent.
+    None is never equal. Never raises: a malformed answer is just not equal."""
     if pred is None or gold is None:
         return False
     try:
-        a, b = _normalize(str(pred)[:10_000]), _normalize(str(gold)[:10_000])
-        if a == b:
+        pred, gold = str(pred)[:10_000], str(gold)[:10_000]
+        a, b = _normalize(pred.replace("\\%", "").replace("%", "")), _normalize(gold.replace("\\%", "").replace("%", ""))
+        if not a or not b:
+            return False
+        if a == b or _equal_structured(a, b):
             return True
-        if a[:1] + a[-1:] in ("()", "[]", "(]", "[)") or b[:1] + b[-1:] in ("()", "[]", "(]", "[)"):
-            # tuples and intervals: brackets must match, elements in order
-            if a[:1] + a[-1:] != b[:1] + b[-1:]:
-                return False
-            xs, ys = _split_top(a[1:-1]), _split_top(b[1:-1])
-            if len(xs) > 1 or len(ys) > 1:
-                return len(xs) == len(ys) and all(_equal_scalar(x.strip(), y.strip()) for x, y in zip(xs, ys))
-        xs, ys = _split_top(a), _split_top(b)
-        if len(xs) > 1 or len(ys) > 1:                      # unordered lists, e.g. the roots of a polynomial
-            if len(xs) != len(ys):
-                return False
-            left = [y.strip() for y in ys]
-            for x in xs:
-                hit = next((i for i, y in enumerate(left) if _equal_scalar(x.strip(), y)), None)
-                if hit is None:
-                    return False
-                left.pop(hit)
-            return True
-        return _equal_scalar(a, b)
+        # "50%" against "0.5": a percent on exactly one side may also be read as a fraction
+        if ("%" in pred) != ("%" in gold) and _NUMBER.fullmatch(a) and _NUMBER.fullmatch(b):
+            x, y = (Fraction(a) / 100, Fraction(b)) if "%" in pred else (Fraction(a), Fraction(b) / 100)
+            return x == y
+        return False
     except Exception:
         return False
 
