@@ -24,7 +24,6 @@ import os
 import random
 import re
 import signal
-import sys
 import threading
 import time
 from fractions import Fraction
@@ -165,21 +164,24 @@ def write_jsonl(path, rows, mode="w"):
     os.replace(path + ".tmp", path)
 
 
-def read_jsonl(path, tolerant=False):
-    """Rows of a jsonl file. A cache (tolerant=True) drops a torn last line from a crash; user data must be clean."""
-    rows = []
+def numbered_jsonl(path, tolerant=False):
+    """(line number, row) for each non-blank line. A cache (tolerant=True) drops a torn last line from a crash;
+    user data must be clean: a bad line stops with its file and line number."""
     with open(path) as f:
         lines = f.readlines()
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            yield n, json.loads(line)
         except json.JSONDecodeError as e:
             if tolerant and n == len(lines):
-                break
+                return
             raise ValueError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
-    return rows
+
+
+def read_jsonl(path, tolerant=False):
+    return [row for _, row in numbered_jsonl(path, tolerant)]
 
 
 def load_problems(path, limit=0):
@@ -190,15 +192,7 @@ def load_problems(path, limit=0):
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file (give --train/--test, or run --mode make_data)")
     problems = []
-    with open(path) as f:
-        lines = f.readlines()
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
+    for n, row in numbered_jsonl(path):
         if not isinstance(row, dict):
             raise ValueError(f"{path}, line {n}: expected a JSON object, got {type(row).__name__}")
         fmt = "math" if "problem" in row else "gsm8k" if "####" in str(row.get("answer", "")) else "plain"
@@ -302,7 +296,7 @@ def _matrix(s):
 
 
 _NUMBER = re.compile(r"-?(\d+\.?\d*|\.\d+)([eE][-+]?\d{1,3})?")
-_SAFE_NAMES = {"sqrt", "pi", "oo", "sin", "cos", "tan", "log", "exp", "I"}
+_SAFE_NAMES = {"sqrt", "pi", "oo", "sin", "cos", "tan", "log", "exp"}
 
 
 def _latex_to_sympy(s):
@@ -363,8 +357,11 @@ def _sympy_equal(a, b):
         implicit_multiplication_application
     # rationalize: decimals become exact rationals, so 0.333 != 1/3 while 0.5 == 1/2.
     tr = standard_transformations + (implicit_multiplication_application, rationalize)
-    names = {"sqrt": sympy.sqrt, "pi": sympy.pi, "oo": sympy.oo, "I": sympy.I, "e": sympy.E,  # MATH's e is Euler's "sin": sympy.sin, "cos": sympy.cos,
-             "tan": sympy.tan, "log": sympy.log, "exp": sympy.exp}
+    # every single letter is a plain Symbol (so "N", "S", "O" never reach sympy's functions of those names),
+    # except e and i, which MATH answers use for Euler's number and the imaginary unit
+    names = {c: sympy.Symbol(c) for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"}
+    names.update({"e": sympy.E, "i": sympy.I, "sqrt": sympy.sqrt, "pi": sympy.pi, "oo": sympy.oo, "sin": sympy.sin,
+                  "cos": sympy.cos, "tan": sympy.tan, "log": sympy.log, "exp": sympy.exp})
     x, y = (parse_expr(t, local_dict=dict(names), transformations=tr, evaluate=True) for t in (a, b))
     diff = sympy.simplify(x - y)
     return diff == 0
@@ -858,7 +855,7 @@ def train_sft(model, tok, examples, cfg, epochs, lr, desc):
     return {"train_examples": len(data), "train_tokens": n_tok, "truncated": truncated, "log": log}
 
 
-def pair_batches(tok, pairs, cfg, device):
+def pair_batches(tok, pairs):
     """Each pair -> (prompt ids, chosen ids), (prompt ids, rejected ids), tokenised in the one place (encode)."""
     enc = []
     for p in pairs:
@@ -879,7 +876,7 @@ def train_dpo(model, tok, pairs, cfg, desc):
     """DPO against the frozen pi_sft. The reference log-probs are computed once, before training, with the very
     model we start from (pi = pi_ref at step 0), so no second copy of the model stays in memory."""
     device = next(model.parameters()).device
-    enc = pair_batches(tok, pairs, cfg, device)
+    enc = pair_batches(tok, pairs)
     model.eval()
     ref_c, ref_r = [], []
     with torch.no_grad():

@@ -94,7 +94,7 @@ EQUIV_TABLE = [
     ("5.", "5", True), ("5\\,\\text{cm}", "5", True), ("5 \\text{ cm}", "5 cm", True),
     ("5\\text{ cm}^2", "5", True), ("\\infty", "∞", True), ("-\\infty", "\\infty", False),
     ("\\frac{1}{2}x", "\\frac{x}{2}", True), ("\\frac{x}{2}", "0.5x", True), ("\\sin(\\pi/6)", "\\frac12", True),
-    ("\\log(e)", "1", True), ("2\\cdot 3", "6", True), ("2\\times 3", "6", True), ("6 \\div 3", "2", True),
+    ("\\log(e)", "1", True), ("N", "N", True), ("N(2)", "2", False), ("S", "s", False), ("i^2", "-1", True), ("2\\cdot 3", "6", True), ("2\\times 3", "6", True), ("6 \\div 3", "2", True),
     # malformed, empty, None, adversarial: never equal, never a crash
     (None, "1", False), ("1", None, False), (None, None, False), ("", "1", False), ("", "", False),
     ("garbage ]]{{", "1", False), ("\\frac{1}{", "\\frac{1}{2}", False), ("((((", "1", False),
@@ -178,7 +178,7 @@ def test_fuzz_checker_never_raises_and_stays_fast():
         assert a is None or isinstance(a, str)
         assert isinstance(sn.is_equiv(a, s), bool) and isinstance(sn.is_equiv(s, "2"), bool)
         slowest = max(slowest, time.time() - t0)
-    assert slowest < 2.0
+    assert slowest < 1.0
 
 
 def test_every_shipped_solution_checks_correct():
@@ -338,7 +338,7 @@ def test_dpo_training_raises_chosen_over_rejected():
     model, tok = sn.load_model(cfg, "tiny")
     pairs = [{"prompt": "Question: 2+2?\nAnswer:\n", "chosen": "2 + 2 = 4\nThe answer is 4", "rejected": "2 + 2 = 5\n",
               "rejected_complete": False}] * 4
-    enc = sn.pair_batches(tok, pairs, cfg, "cpu")
+    enc = sn.pair_batches(tok, pairs)
     with torch.no_grad():
         c0, r0 = sn.dpo_logps(model, tok, enc, cfg, "cpu")
     log = sn.train_dpo(model, tok, pairs, cfg, "dpo-test")["log"]
