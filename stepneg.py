@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 @dataclasses.dataclass
 class Config:
-    mode: str = "per_step"       # make_data | sft | rft | dpo | per_step | eval | all
+    mode: str = "per_step"       # make_data | sft | rft | dpo | per_step | eval | all | bench_rollouts
     out: str = "out"             # every stage writes under here; a finished stage is reused on restart
     train: str = "data/train.jsonl"
     test: str = "data/test.jsonl"
@@ -93,7 +93,7 @@ def parse_config(argv=None):
         else:
             ap.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
     cfg = Config(**vars(ap.parse_args(argv)))
-    modes = ("make_data", "sft", "rft", "dpo", "per_step", "eval", "all")
+    modes = ("make_data", "sft", "rft", "dpo", "per_step", "eval", "all", "bench_rollouts")
     for name, value, allowed in [("mode", cfg.mode, modes), ("credit", cfg.credit, ("first_pit", "min_advantage")),
                                  ("pair_form", cfg.pair_form, ("step", "full"))]:
         if value not in allowed:
@@ -571,7 +571,7 @@ def sequence_logps(model, ids, att, mask):
 
 @torch.no_grad()
 def generate(model, tok, prompts, temperature, max_new_tokens, seed):
-    """One batch of rows -> (completions, tokens generated). temperature 0 = greedy.
+    """One batch of rows -> (completions, tokens generated per row). temperature 0 = greedy.
     ["Question: ...\\nAnswer:\\n", ...] -> ["7 + 5 = 12\\n...The answer is 9", ...]"""
     model.eval()
     tok.padding_side = "left"
@@ -585,37 +585,39 @@ def generate(model, tok, prompts, temperature, max_new_tokens, seed):
         dict(do_sample=False)
     out = model.generate(input_ids=ids, attention_mask=att, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
                          eos_token_id=tok.eos_token_id, **kw)[:, T:]                                # (B, new)
-    n_tokens = 0
-    texts = []
+    texts, n_tokens = [], []
     for row in out.tolist():
         if tok.eos_token_id in row:
             row = row[:row.index(tok.eos_token_id) + 1]
-        n_tokens += len(row)
+        n_tokens.append(len(row))
         texts.append(tok.decode(row, skip_special_tokens=True))
     return texts, n_tokens
 
 
 def cached_generate(model, tok, rows, cfg, path, seed, desc, temperature=None):
     """Generate for many rows [(key, prompt)] in batches of cfg.gen_batch, appending each finished batch to `path`
-    ({"key", "text", "batch"} per row). A restarted run skips the batches already on disk; batch b always gets the
-    same rows and seed, so a resumed run produces exactly what an uninterrupted one would.
-    -> ({key: text}, tokens generated now)"""
+    ({"key", "text", "tokens", "batch"} per row). A restarted run skips the batches already on disk; batch b always
+    gets the same rows and seed, so a resumed run produces exactly what an uninterrupted one would.
+    -> ({key: text}, {"tokens": generated for these rows, "new_tokens" and "seconds": the part done now})"""
     temperature = cfg.temperature if temperature is None else temperature
     done = {}
     if os.path.exists(path):
         cached = read_jsonl(path, tolerant=True)
         write_jsonl(path, cached)  # rewrite without a torn last line, so new batches append after whole rows
-        done = {r["key"]: r["text"] for r in cached}
+        done = {r["key"]: r for r in cached}
     batches = [rows[i:i + cfg.gen_batch] for i in range(0, len(rows), cfg.gen_batch)]
-    n_tokens = 0
+    new_tokens, t0 = 0, time.time()
     for b, batch in enumerate(tqdm(batches, desc=desc, leave=False)):
         if all(k in done for k, _ in batch):
             continue
         texts, n = generate(model, tok, [p for _, p in batch], temperature, cfg.max_new_tokens, seed * 100003 + b)
-        n_tokens += n
-        write_jsonl(path, [{"key": k, "text": t, "batch": b} for (k, _), t in zip(batch, texts)], mode="a")
-        done.update({k: t for (k, _), t in zip(batch, texts)})
-    return done, n_tokens
+        new_tokens += sum(n)
+        fresh = [{"key": k, "text": t, "tokens": m, "batch": b} for (k, _), t, m in zip(batch, texts, n)]
+        write_jsonl(path, fresh, mode="a")
+        done.update({r["key"]: r for r in fresh})
+    stats = {"tokens": sum(done[k]["tokens"] for k, _ in rows), "new_tokens": new_tokens,
+             "seconds": time.time() - t0}
+    return {k: done[k]["text"] for k, _ in rows}, stats
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -654,14 +656,13 @@ def step_values(model, tok, problems, negatives, cfg, out_dir):
     Q_i = fraction of the M rollouts from x + y_{1:i} whose final answer is correct; Q_L = r(x, y) = 0 needs none.
     With credit=first_pit a negative leaves the search once a prefix has Q = 0 (its pit is found).
     -> {nid: [Q_1, ..., Q_L] (None where not explored)}, {nid: {i: [correct continuations]}}, accounting."""
-    M, Q, wins, spent, tokens = cfg.rollouts, {}, {}, 0, 0
+    M, Q, wins, spent, tokens, new_tokens, seconds = cfg.rollouts, {}, {}, 0, 0, 0, 0.0
     for n in negatives:
         n["steps"] = split_steps(n["response"], cfg.step_cap)
         Q[n["nid"]] = [None] * (len(n["steps"]) - 1) + [0.0]
         wins[n["nid"]] = {}
     live = [n for n in negatives if len(n["steps"]) > 1]
     max_L = max((len(n["steps"]) for n in negatives), default=0)
-    t0 = time.time()
     for i in range(1, max_L):
         live = [n for n in live if i < len(n["steps"])]
         if not live:
@@ -671,10 +672,10 @@ def step_values(model, tok, problems, negatives, cfg, out_dir):
             prefix = "".join(n["steps"][:i])
             rows += [(f"{n['nid']}/{i}/{j}", PROMPT.format(question=problems[n["pid"]]["question"]) + prefix)
                      for j in range(M)]
-        texts, new_tokens = cached_generate(model, tok, rows, cfg, f"{out_dir}/rollouts.jsonl",
-                                            cfg.seed + 7919 * i, f"rollouts, prefix length {i}")
-        tokens += new_tokens
-        spent += len(rows)
+        texts, st = cached_generate(model, tok, rows, cfg, f"{out_dir}/rollouts.jsonl",
+                                    cfg.seed + 7919 * i, f"rollouts, prefix length {i}")
+        spent, tokens = spent + len(rows), tokens + st["tokens"]
+        new_tokens, seconds = new_tokens + st["new_tokens"], seconds + st["seconds"]
         for n in live:
             prefix = "".join(n["steps"][:i])
             conts = [texts[f"{n['nid']}/{i}/{j}"] for j in range(M)]
@@ -683,7 +684,8 @@ def step_values(model, tok, problems, negatives, cfg, out_dir):
             wins[n["nid"]][i] = ok
         if cfg.credit == "first_pit":
             live = [n for n in live if Q[n["nid"]][i - 1] > 0]
-    return Q, wins, {"rollouts": spent, "rollout_tokens": tokens, "rollout_s": time.time() - t0}
+    return Q, wins, {"rollouts": spent, "rollout_tokens": tokens, "rollout_s": round(seconds, 1),
+                     "rollout_tokens_per_s": round(new_tokens / seconds) if seconds else None}
 
 
 def find_pit(q0, qs, rule):
@@ -984,8 +986,8 @@ def run_samples(cfg, train, sft_path):
         rows = [(f"{i}/{j}", PROMPT.format(question=p["question"])) for i, p in enumerate(train)
                 for j in range(cfg.k_samples)]
         os.makedirs(f"{cfg.out}/samples", exist_ok=True)
-        texts, n_tok = cached_generate(model, tok, rows, cfg, f"{cfg.out}/samples/generations.jsonl", cfg.seed,
-                                       "sampling from pi_sft")
+        texts, st = cached_generate(model, tok, rows, cfg, f"{cfg.out}/samples/generations.jsonl", cfg.seed,
+                                    "sampling from pi_sft")
         samples = []
         for i, p in enumerate(train):
             resp = [texts[f"{i}/{j}"] for j in range(cfg.k_samples)]
@@ -993,7 +995,7 @@ def run_samples(cfg, train, sft_path):
                             "correct": [reward(r, p["gold"]) for r in resp]})
         write_jsonl(path, samples)
         n = len(samples) * cfg.k_samples
-        finish_stage(cfg, "samples", {"samples": n, "sample_tokens": n_tok,
+        finish_stage(cfg, "samples", {"samples": n, "sample_tokens": st["tokens"],
                                       "sample_accuracy": sum(sum(s["correct"]) for s in samples) / n,
                                       "wall_s": round(time.time() - t0, 1)})
     return read_jsonl(path)
@@ -1075,12 +1077,52 @@ def summary(cfg, names):
     ps = stage_done(cfg, "per_step")
     if ps and "per_step" in names:
         lines.append(f"per-step: {ps['negatives']} negatives, {ps['rollouts']} rollouts, {ps['rollout_tokens']} "
-                     f"rollout tokens, {ps['pairs_per_1k_rollouts']} pairs per 1k rollouts, pit positions "
-                     f"{ps['pit_histogram']}")
+                     f"rollout tokens ({ps.get('rollout_tokens_per_s')} tokens/s), {ps['pairs_per_1k_rollouts']} pairs "
+                     f"per 1k rollouts, pit positions {ps['pit_histogram']}")
     text = "\n".join(lines)
     with open(f"{cfg.out}/summary.md", "w") as f:
         f.write(text + "\n")
     return text
+
+
+def bench_rollouts(cfg, train, n_negatives=256):
+    """--mode bench_rollouts, after a per_step run in the same --out: on the first n_negatives negatives of its
+    samples, (1) the rollout stage's tokens/s against one plain model.generate call over the same rows, and
+    (2) the rollouts first-pit early stopping spends against exploring every prefix. Fresh caches, nothing reused."""
+    import tempfile
+    path = f"{cfg.out}/samples/samples.jsonl"
+    if not os.path.exists(path):
+        raise SystemExit(f"{path}: not found; run --mode per_step with the same --out first")
+    model, tok = load_model(cfg, cfg.init or f"{cfg.out}/sft/model")
+    negs = collect_negatives(train, read_jsonl(path), cfg.max_negatives)[:n_negatives]
+    runs = {}
+    for credit in ("first_pit", "min_advantage"):   # min_advantage explores every prefix
+        with tempfile.TemporaryDirectory() as tmp:
+            c = dataclasses.replace(cfg, credit=credit)
+            _, _, acct = step_values(model, tok, train, [dict(n) for n in negs], c, tmp)
+            runs[credit] = acct
+            if credit == "first_pit":
+                prompts = [r["key"] for r in read_jsonl(f"{tmp}/rollouts.jsonl")]
+    # the same rows again, as one plain generate call (rebuilt from the keys "negative/prefix length/rollout")
+    by_nid = {n["nid"]: n for n in negs}
+    rows = []
+    for key in prompts:
+        nid, i, _ = (int(x) for x in key.split("/"))
+        n = by_nid[nid]
+        prefix = "".join(split_steps(n["response"], cfg.step_cap)[:i])
+        rows.append(PROMPT.format(question=train[n["pid"]]["question"]) + prefix)
+    t0 = time.time()
+    _, n_tok = generate(model, tok, rows, cfg.temperature, cfg.max_new_tokens, cfg.seed)
+    plain = sum(n_tok) / (time.time() - t0)
+    fp, every = runs["first_pit"], runs["min_advantage"]
+    result = {"negatives": len(negs), "rows": len(rows), "stage_tokens_per_s": fp["rollout_tokens_per_s"],
+              "plain_generate_tokens_per_s": round(plain), "speed_ratio": round(fp["rollout_tokens_per_s"] / plain, 2),
+              "rollouts_first_pit": fp["rollouts"], "rollouts_every_prefix": every["rollouts"],
+              "rollout_saving": round(every["rollouts"] / max(1, fp["rollouts"]), 2),
+              "seconds_first_pit": fp["rollout_s"], "seconds_every_prefix": every["rollout_s"]}
+    write_jsonl(f"{cfg.out}/metrics.jsonl", [{"stage": "bench_rollouts", **result}], mode="a")
+    print("\n".join(f"{k:>28}: {v}" for k, v in result.items()))
+    return result
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1119,6 +1161,9 @@ def main(argv=None):
     train = load_problems(cfg.train, cfg.n_train) if cfg.mode != "eval" else []
     test = load_problems(cfg.test, cfg.n_test)
     check_out_folder(cfg)
+    if cfg.mode == "bench_rollouts":
+        bench_rollouts(cfg, train)
+        return
     if cfg.mode == "eval":
         path = cfg.init or f"{cfg.out}/sft/model"
         run_eval(cfg, test, "init" if cfg.init else "sft", path)

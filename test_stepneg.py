@@ -294,7 +294,7 @@ def scripted_generate(prompts, *_):
     """A fake policy with known values: it finishes any prompt correctly unless the prompt holds a step marked
     BAD, after which it always fails. Answers are the toy's: the gold is always 9."""
     texts = ["The answer is 8" if "BAD" in p else "ok\nThe answer is 9" for p in prompts]
-    return texts, sum(len(t) for t in texts)
+    return texts, [len(t) for t in texts]
 
 
 @pytest.mark.parametrize("credit", ["first_pit", "min_advantage"])
@@ -317,6 +317,42 @@ def test_rollout_search_finds_the_planted_step(tmp_path, monkeypatch, credit):
     assert pairs[2]["rejected"] == "The answer is 7"
     # first_pit stops exploring a negative at its pit; min_advantage explores every prefix but the last
     assert acct["rollouts"] == 3 * ((3 + 1 + 2) if credit == "first_pit" else (4 + 2 + 2))
+
+
+def test_killed_rollouts_resume_to_the_same_pairs(tmp_path, monkeypatch):
+    """A seeded random policy, so a resumed run that batched or seeded differently would give other values."""
+    import random
+
+    def seeded(model, tok, prompts, temperature, max_new, seed):
+        rng = random.Random(seed)
+        texts = ["ok\nThe answer is 9" if rng.random() < (0.2 if "BAD" in p else 0.7) else "The answer is 1"
+                 for p in prompts]
+        return texts, [1] * len(texts)
+    problems = [{"question": f"q{i}", "gold": "9", "response": None} for i in range(6)]
+    samples = [{"responses": [f"a{i} ok\nb{i} BAD here\nc{i} step three\nThe answer is 1", "The answer is 9"],
+                "correct": [0, 1]} for i in range(6)]
+    cfg = sn.Config(rollouts=3, gen_batch=6)
+
+    def run(out_dir):
+        negs = sn.collect_negatives(problems, samples, cap=8)
+        Q, wins, acct = sn.step_values(None, None, problems, negs, cfg, out_dir)
+        return sn.per_step_pairs(problems, samples, negs, Q, wins, cfg), acct
+    monkeypatch.setattr(sn, "generate", seeded)
+    whole, acct = run(str(tmp_path / "a"))
+    calls = {"n": 0}
+
+    def dies_on_third_call(*args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return seeded(*args)
+    os.makedirs(tmp_path / "b")
+    monkeypatch.setattr(sn, "generate", dies_on_third_call)
+    with pytest.raises(KeyboardInterrupt):
+        run(str(tmp_path / "b"))
+    monkeypatch.setattr(sn, "generate", seeded)
+    resumed, acct_b = run(str(tmp_path / "b"))
+    assert whole and resumed == whole and acct_b["rollout_tokens"] == acct["rollout_tokens"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -379,7 +415,7 @@ def test_scripted_policy_run_builds_pairs_and_trains(tmp_path, monkeypatch):
             calls["n"] += 1
             answer = gold[p.split("Question: ")[1].split("\nAnswer:")[0]]
             texts.append(f"1 + 1 = 2\nThe answer is {answer}" if calls["n"] % 3 else "1 + 1 = 3\nThe answer is -1")
-        return texts, len(texts)
+        return texts, [1] * len(texts)
     monkeypatch.setattr(sn, "generate", half_right)
     out = str(tmp_path / "run")
     sn.main(MINI + ["--mode", "all", "--out", out])
