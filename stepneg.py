@@ -625,16 +625,21 @@ def cached_generate(model, tok, rows, cfg, path, seed, desc, temperature=None):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def split_steps(text, cap=12, min_words=3):
-    """A solution as steps: one per line; a line of fewer than min_words words ("So", "First,", a blank line)
-    joins the next, so no step is tiny, and lines past the cap merge into the last step. "".join(steps) == text.
+def split_steps(text, cap=12, min_words=3, max_chars=400):
+    """A solution as steps: one per line, a line over max_chars split after its sentences (MATH solutions are often
+    one long paragraph); a piece of fewer than min_words words ("So", "First,", a blank line) joins the next, so no
+    step is tiny, and pieces past the cap merge into the last step. "".join(steps) == text, always.
     "7 + 5 = 12\\n12 - 3 = 9\\nThe answer is 9" -> ["7 + 5 = 12\\n", "12 - 3 = 9\\n", "The answer is 9"]"""
-    steps = []
+    pieces = []
     for line in text.splitlines(keepends=True):
+        pieces += re.split(r"(?<=[.!?] )(?=[A-Z$\\])", line) if len(line) > max_chars else [line]
+    pieces = [p for p in pieces if p]
+    steps = []
+    for piece in pieces:
         if steps and (len(steps[-1].split()) < min_words or len(steps) >= cap):
-            steps[-1] += line
+            steps[-1] += piece
         else:
-            steps.append(line)
+            steps.append(piece)
     return steps or [text]
 
 

@@ -277,6 +277,9 @@ def test_split_steps_lines_and_roundtrip():
     steps = sn.split_steps(math_text)
     assert "".join(steps) == math_text and all(len(s.split()) >= 3 for s in steps[:-1])
     assert steps[0] == "First,\nwe note that $x^2 = 4$.\n"
+    paragraph = " ".join(f"Sentence {i} says that $x_{i} = {i}$ holds here." for i in range(20)) + "\nSo \\boxed{3}."
+    pieces = sn.split_steps(paragraph, cap=50)
+    assert "".join(pieces) == paragraph and len(pieces) >= 10 and max(len(p) for p in pieces) < 400
     long = "\n".join(f"line number {i} = {i}" for i in range(40))
     capped = sn.split_steps(long, cap=12)
     assert len(capped) == 12 and "".join(capped) == long
