@@ -974,8 +974,8 @@ def run_sft(cfg, train):
         model, tok = load_model(cfg, cfg.model)
         data = [p for p in train if p["response"]]
         if not data:
-            raise ValueError(f"{cfg.train}: no problem has a solution to imitate (a 'response', GSM8K 'answer' or "
-                             "MATH 'solution' field); SFT needs D_syn")
+            raise SystemExit(f"error: {cfg.train}: no problem has a solution to imitate (a 'response', GSM8K "
+                             "'answer' or MATH 'solution' field); SFT needs D_syn")
         res = train_sft(model, tok, data, cfg, cfg.sft_epochs, cfg.lr, "sft")
         save_model(model, tok, path)
         finish_stage(cfg, "sft", {**res, "synthetic_problems": len(data), "wall_s": round(time.time() - t0, 1)})
@@ -1163,8 +1163,11 @@ def main(argv=None):
     random.seed(cfg.seed)
     if pick_device(cfg) == "cpu":
         torch.set_num_threads(max(1, os.cpu_count() or 1))
-    train = load_problems(cfg.train, cfg.n_train) if cfg.mode != "eval" else []
-    test = load_problems(cfg.test, cfg.n_test)
+    try:
+        train = load_problems(cfg.train, cfg.n_train) if cfg.mode != "eval" else []
+        test = load_problems(cfg.test, cfg.n_test)
+    except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, not a traceback
+        raise SystemExit(f"error: {e}") from None
     check_out_folder(cfg)
     if cfg.mode == "bench_rollouts":
         bench_rollouts(cfg, train)

@@ -457,3 +457,11 @@ def test_resumed_sampling_matches_uninterrupted(tmp_path):
         f.write('{"key": "4", "te')  # and a torn line from the crash
     resumed, _ = sn.cached_generate(model, tok, rows, cfg, str(tmp_path / "b.jsonl"), 0, "b")
     assert resumed == full
+
+
+def test_command_line_bad_input_is_one_clear_line(tmp_path):
+    f = tmp_path / "bad.jsonl"
+    f.write_text('{"question": "q", "answer": "1"}\n{"question": "q2"}\n')
+    with pytest.raises(SystemExit) as e:
+        sn.main(["--mode", "sft", "--train", str(f), "--out", str(tmp_path / "run")])
+    assert str(e.value) == f"error: {f}, line 2: field 'answer' is missing or not a non-empty string (read as plain format)"
