@@ -12,6 +12,7 @@ LLM Math Reasoning by Eight-Fold" (NeurIPS 2024, arXiv 2406.14532). The pipeline
     python stepneg.py --mode per_step          # the whole job on the embedded CPU default (no downloads)
     python stepneg.py --mode all               # SFT, RFT, outcome DPO and per-step DPO side by side
     python stepneg.py --mode per_step --model Qwen/Qwen2.5-1.5B --train gsm8k_train.jsonl --test gsm8k_test.jsonl
+    python stepneg.py --mode bench_rollouts    # after a per_step run: the rollout stage's speed and first-pit saving
 
 Sections: config, data, answer checking, model and tokenizer, sampling, steps and rollouts, losses, training
 loops, evaluation, stages, main.
