@@ -19,6 +19,7 @@ loops, evaluation, stages, main.
 """
 import argparse
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -353,6 +354,8 @@ def _with_time_limit(seconds, fn, *args):
 
 
 def _sympy_equal(a, b):
+    # imported by the caller first, outside the time limit: an import cut short by the alarm would leave sympy
+    # half-initialised for the rest of the run
     import sympy
     from sympy.parsing.sympy_parser import parse_expr, standard_transformations, rationalize, \
         implicit_multiplication_application
@@ -399,6 +402,7 @@ def _equal_scalar(a, b):
     sa, sb = _latex_to_sympy(a), _latex_to_sympy(b)
     if sa is None or sb is None:
         return a.lower().replace(" ", "") == b.lower().replace(" ", "")
+    importlib.import_module("sympy.parsing.sympy_parser")  # slow the first time: outside the limit (_sympy_equal)
     try:
         return bool(_with_time_limit(0.5, _sympy_equal, sa, sb))
     except Exception:  # _Timeout, sympy's SyntaxError/TypeError/...: a malformed answer is simply not equal
@@ -604,7 +608,10 @@ def cached_generate(model, tok, rows, cfg, path, seed, desc, temperature=None):
     done = {}
     if os.path.exists(path):
         cached = read_jsonl(path, tolerant=True)
-        write_jsonl(path, cached)  # rewrite without a torn last line, so new batches append after whole rows
+        with open(path, "rb") as f:
+            torn = f.seek(0, 2) > 0 and (f.seek(-1, 2) or f.read(1)) != b"\n"
+        if torn:  # a crash mid-write: drop the partial line so new batches append after whole rows
+            write_jsonl(path, cached)
         done = {r["key"]: r for r in cached}
     batches = [rows[i:i + cfg.gen_batch] for i in range(0, len(rows), cfg.gen_batch)]
     new_tokens, t0 = 0, time.time()
