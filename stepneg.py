@@ -19,13 +19,16 @@ loops, evaluation, stages, main.
 """
 import argparse
 import dataclasses
+import hashlib
 import importlib
 import json
 import math
 import os
 import random
 import re
+import shlex
 import signal
+import sys
 import threading
 import time
 from fractions import Fraction
@@ -42,7 +45,7 @@ from tqdm import tqdm
 
 @dataclasses.dataclass
 class Config:
-    mode: str = "per_step"       # make_data | sft | rft | dpo | per_step | eval | all | bench_rollouts
+    mode: str = "per_step"       # make_data | sft | rft | dpo | per_step | eval | all | scaling | bench_rollouts
     out: str = "out"             # every stage writes under here; a finished stage is reused on restart
     train: str = "data/train.jsonl"
     test: str = "data/test.jsonl"
@@ -80,10 +83,14 @@ class Config:
     dpo_lr: float = 5e-5
     dpo_epochs: int = 2
     log_every: int = 20          # training steps between log lines
+    ckpt_every: int = 100        # training steps between resumable checkpoints (model, optimizer, data position)
+    # --mode scaling: SFT on n, 2n, ..., 2^doublings n problems; every method on n; seeds seed .. seed+seeds-1
+    doublings: int = 3
+    seeds: int = 2
 
 
 # Settings that change what a stage computes: an output folder made with other values is refused, not mixed.
-RESULT_KEYS = [f.name for f in dataclasses.fields(Config) if f.name not in ("mode", "out", "device", "log_every")]
+RESULT_KEYS = [f.name for f in dataclasses.fields(Config) if f.name not in ("mode", "out", "device", "log_every", "ckpt_every", "doublings", "seeds")]
 PROMPT = "Question: {question}\nAnswer:\n"
 
 
@@ -95,7 +102,7 @@ def parse_config(argv=None):
         else:
             ap.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
     cfg = Config(**vars(ap.parse_args(argv)))
-    modes = ("make_data", "sft", "rft", "dpo", "per_step", "eval", "all", "bench_rollouts")
+    modes = ("make_data", "sft", "rft", "dpo", "per_step", "eval", "all", "scaling", "bench_rollouts")
     for name, value, allowed in [("mode", cfg.mode, modes), ("credit", cfg.credit, ("first_pit", "min_advantage")),
                                  ("pair_form", cfg.pair_form, ("step", "full"))]:
         if value not in allowed:
@@ -599,12 +606,31 @@ def generate(model, tok, prompts, temperature, max_new_tokens, seed):
     return texts, n_tokens
 
 
+CACHE_VERSION = 1  # bump when a change to the code changes what generation produces for the same inputs
+
+
+def model_fingerprint(model):
+    """A cheap identity of the weights (the first values of every tensor): caches made by other weights are not reused."""
+    if model is None:
+        return "none"
+    h = hashlib.sha1()
+    for p in model.parameters():
+        h.update(p.detach().flatten()[:1024].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def cached_generate(model, tok, rows, cfg, path, seed, desc, temperature=None):
     """Generate for many rows [(key, prompt)] in batches of cfg.gen_batch, appending each finished batch to `path`
-    ({"key", "text", "tokens", "batch"} per row). A restarted run skips the batches already on disk; batch b always
-    gets the same rows and seed, so a resumed run produces exactly what an uninterrupted one would.
+    ({"key", "text", "tokens", "batch", "tag"} per row). A restarted run skips the batches already on disk; batch b
+    always gets the same rows and seed, so a resumed run produces exactly what an uninterrupted one would. A row is
+    reused only if its tag (weights, prompt, sampling settings, seed, code version) matches: never a stale row.
     -> ({key: text}, {"tokens": generated for these rows, "new_tokens" and "seconds": the part done now})"""
     temperature = cfg.temperature if temperature is None else temperature
+    weights = model_fingerprint(model)
+
+    def tag(prompt, b):  # what produced a row: a cached row is reused only if all of this is unchanged
+        what = [CACHE_VERSION, weights, prompt, temperature, cfg.max_new_tokens, seed * 100003 + b]
+        return hashlib.sha1(json.dumps(what).encode()).hexdigest()[:16]
     done = {}
     if os.path.exists(path):
         cached = read_jsonl(path, tolerant=True)
@@ -616,11 +642,13 @@ def cached_generate(model, tok, rows, cfg, path, seed, desc, temperature=None):
     batches = [rows[i:i + cfg.gen_batch] for i in range(0, len(rows), cfg.gen_batch)]
     new_tokens, t0 = 0, time.time()
     for b, batch in enumerate(tqdm(batches, desc=desc, leave=False)):
-        if all(k in done for k, _ in batch):
+        tags = [tag(p, b) for _, p in batch]
+        if all(k in done and done[k].get("tag") == t for (k, _), t in zip(batch, tags)):
             continue
         texts, n = generate(model, tok, [p for _, p in batch], temperature, cfg.max_new_tokens, seed * 100003 + b)
         new_tokens += sum(n)
-        fresh = [{"key": k, "text": t, "tokens": m, "batch": b} for (k, _), t, m in zip(batch, texts, n)]
+        fresh = [{"key": k, "text": t, "tokens": m, "batch": b, "tag": g}
+                 for (k, _), t, m, g in zip(batch, texts, n, tags)]
         write_jsonl(path, fresh, mode="a")
         done.update({r["key"]: r for r in fresh})
     stats = {"tokens": sum(done[k]["tokens"] for k, _ in rows), "new_tokens": new_tokens,
@@ -835,7 +863,29 @@ def check_finite(loss, stage):
         raise FloatingPointError(f"{stage}: the loss became {loss.item()}; lower the learning rate (--lr/--dpo_lr)")
 
 
-def train_sft(model, tok, examples, cfg, epochs, lr, desc):
+def save_train_state(path, model, opt, sched, step, extra):
+    """Everything a killed training run needs to go on exactly where it stopped, written under a temporary name
+    and renamed, so a crash mid-write leaves the previous checkpoint intact."""
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step,
+                "torch_rng": torch.get_rng_state(), "extra": extra}, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_train_state(path, model, opt, sched, extra):
+    """-> the step to resume after (0 = fresh start); restores model, optimizer, scheduler, RNG and `extra`."""
+    if not path or not os.path.exists(path):
+        return 0
+    state = torch.load(path, weights_only=False)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
+    torch.set_rng_state(state["torch_rng"])
+    extra.update(state["extra"])
+    print(f"resuming {path} after step {state['step']}")
+    return state["step"]
+
+
+def train_sft(model, tok, examples, cfg, epochs, lr, desc, ckpt=None):
     """SFT: maximise log pi(y | x) on [{"question", "response"}], loss on response tokens only."""
     device = next(model.parameters()).device
     data = [encode(tok, PROMPT.format(question=e["question"]), e["response"], complete=True) for e in examples]
@@ -843,14 +893,18 @@ def train_sft(model, tok, examples, cfg, epochs, lr, desc):
     steps = epochs * math.ceil(len(data) / cfg.batch_size)
     opt, sched = make_optimizer(model, lr, steps)
     model.train()
-    log, truncated, t0, n_tok = [], 0, time.time(), 0
-    bar = tqdm(total=steps, desc=desc, leave=False)
+    st = {"log": [], "truncated": 0, "train_tokens": 0}
+    start, step, t0, tok_now = load_train_state(ckpt, model, opt, sched, st), 0, time.time(), 0
+    bar = tqdm(total=steps, initial=start, desc=desc, leave=False)
     for epoch in range(epochs):
         order = list(range(len(data)))
-        rng.shuffle(order)
+        rng.shuffle(order)  # every epoch's order is replayed on resume, so the data position is exact
         for b in range(0, len(order), cfg.batch_size):
+            step += 1
+            if step <= start:
+                continue
             ids, att, mask, tr = batch_tensors(tok, [data[i] for i in order[b:b + cfg.batch_size]], cfg.max_len, device)
-            truncated += tr
+            st["truncated"] += tr
             logits = model(input_ids=ids, attention_mask=att).logits[:, :-1].float()          # (B, T-1, V)
             token_logps = -F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # (B, T-1)
             loss = sft_loss(token_logps, mask[:, 1:])
@@ -858,16 +912,19 @@ def train_sft(model, tok, examples, cfg, epochs, lr, desc):
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
-            n_tok += int(att.sum())
+            st["train_tokens"] += int(att.sum())
+            tok_now += int(att.sum())
             bar.update(1)
-            if bar.n % cfg.log_every == 0 or bar.n == steps:
-                row = {"step": bar.n, "epoch": epoch, "loss": round(loss.item(), 4),
-                       "tokens_per_s": round(n_tok / (time.time() - t0))}
-                log.append(row)
+            if step % cfg.log_every == 0 or step == steps:
+                row = {"step": step, "epoch": epoch, "loss": round(loss.item(), 4),
+                       "tokens_per_s": round(tok_now / (time.time() - t0))}
+                st["log"].append(row)
                 bar.set_postfix(loss=row["loss"])
-                tqdm.write(f"  {desc} step {bar.n}/{steps} loss {row['loss']:.4f} {row['tokens_per_s']} tok/s")
+                tqdm.write(f"  {desc} step {step}/{steps} loss {row['loss']:.4f} {row['tokens_per_s']} tok/s")
+            if ckpt and step % cfg.ckpt_every == 0 and step < steps:
+                save_train_state(ckpt, model, opt, sched, step, st)
     bar.close()
-    return {"train_examples": len(data), "train_tokens": n_tok, "truncated": truncated, "log": log}
+    return {"train_examples": len(data), **st}
 
 
 def pair_batches(tok, pairs):
@@ -887,7 +944,7 @@ def dpo_logps(model, tok, enc_pairs, cfg, device):
     return logps[:len(enc_pairs)], logps[len(enc_pairs):]
 
 
-def train_dpo(model, tok, pairs, cfg, desc):
+def train_dpo(model, tok, pairs, cfg, desc, ckpt=None):
     """DPO against the frozen pi_sft. The reference log-probs are computed once, before training, with the very
     model we start from (pi = pi_ref at step 0), so no second copy of the model stays in memory."""
     device = next(model.parameters()).device
@@ -905,12 +962,16 @@ def train_dpo(model, tok, pairs, cfg, desc):
     # beta2 = 0.999: a fine-tuning run this short is hurt by Adam's noisy early second-moment estimates
     opt, sched = make_optimizer(model, cfg.dpo_lr, steps, betas=(0.9, 0.999))
     model.train()
-    log, t0, seen = [], time.time(), 0
-    bar = tqdm(total=steps, desc=desc, leave=False)
+    st = {"log": [], "train_tokens": 0}
+    start, step, t0, seen = load_train_state(ckpt, model, opt, sched, st), 0, time.time(), 0
+    bar = tqdm(total=steps, initial=start, desc=desc, leave=False)
     for epoch in range(cfg.dpo_epochs):
         order = list(range(len(enc)))
         rng.shuffle(order)
         for b in range(0, len(order), cfg.batch_size):
+            step += 1
+            if step <= start:
+                continue
             idx = order[b:b + cfg.batch_size]
             pc, pr = dpo_logps(model, tok, [enc[i] for i in idx], cfg, device)
             loss, cr, rr = dpo_loss(pc, pr, ref_c[idx], ref_r[idx], cfg.beta)
@@ -919,19 +980,22 @@ def train_dpo(model, tok, pairs, cfg, desc):
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
             seen += len(idx)
+            st["train_tokens"] += sum(len(a) + len(b) for i in idx for a, b in enc[i])
             bar.update(1)
-            if bar.n % cfg.log_every == 0 or bar.n == steps:
-                row = {"step": bar.n, "loss": round(loss.item(), 4), "chosen_reward": round(cr.mean().item(), 4),
+            if step % cfg.log_every == 0 or step == steps:
+                row = {"step": step, "loss": round(loss.item(), 4), "chosen_reward": round(cr.mean().item(), 4),
                        "rejected_reward": round(rr.mean().item(), 4),
                        "pair_acc": round((cr > rr).float().mean().item(), 3),
                        "pairs_per_s": round(seen / (time.time() - t0), 1)}
-                log.append(row)
+                st["log"].append(row)
                 bar.set_postfix(loss=row["loss"])
-                tqdm.write(f"  {desc} step {bar.n}/{steps} loss {row['loss']:.4f} reward chosen {row['chosen_reward']:+.3f}"
+                tqdm.write(f"  {desc} step {step}/{steps} loss {row['loss']:.4f} reward chosen {row['chosen_reward']:+.3f}"
                            f" rejected {row['rejected_reward']:+.3f} pair acc {row['pair_acc']:.2f} "
                            f"{row['pairs_per_s']} pairs/s")
+            if ckpt and step % cfg.ckpt_every == 0 and step < steps:
+                save_train_state(ckpt, model, opt, sched, step, st)
     bar.close()
-    return {"pairs": len(pairs), "log": log}
+    return {"pairs": len(pairs), **st}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -959,12 +1023,27 @@ def evaluate(model, tok, problems, cfg, path, desc):
 
 
 def stage_done(cfg, name):
+    """The stage's result if it finished and every output it recorded is still there with the same size, else None
+    (a stage whose outputs were lost or changed is redone, not trusted)."""
     path = f"{cfg.out}/{name}/done.json"
-    return json.load(open(path)) if os.path.exists(path) else None
+    if not os.path.exists(path):
+        return None
+    result = json.load(open(path))
+    for rel, size in result.get("outputs", {}).items():
+        f = f"{cfg.out}/{name}/{rel}"
+        if not os.path.exists(f) or os.path.getsize(f) != size:
+            print(f"{f}: missing or changed since the stage finished; redoing stage {name}")
+            return None
+    return result
 
 
 def finish_stage(cfg, name, result):
-    write_jsonl(f"{cfg.out}/metrics.jsonl", [{"stage": name, **{k: v for k, v in result.items() if k != 'log'}}],
+    if os.path.exists(f"{cfg.out}/{name}/train_state.pt"):  # the model is saved: the resume state is not needed
+        os.remove(f"{cfg.out}/{name}/train_state.pt")
+    result["outputs"] = {os.path.relpath(os.path.join(d, f), f"{cfg.out}/{name}"): os.path.getsize(os.path.join(d, f))
+                         for d, _, files in os.walk(f"{cfg.out}/{name}") for f in files if f != "done.json"}
+    write_jsonl(f"{cfg.out}/metrics.jsonl", [{"stage": name, **{k: v for k, v in result.items()
+                                                                  if k not in ("log", "outputs")}}],
                 mode="a")
     with open(f"{cfg.out}/{name}/done.json.tmp", "w") as f:
         json.dump(result, f, indent=1)
@@ -984,7 +1063,8 @@ def run_sft(cfg, train):
         if not data:
             raise SystemExit(f"error: {cfg.train}: no problem has a solution to imitate (a 'response', GSM8K "
                              "'answer' or MATH 'solution' field); SFT needs D_syn")
-        res = train_sft(model, tok, data, cfg, cfg.sft_epochs, cfg.lr, "sft")
+        os.makedirs(f"{cfg.out}/sft", exist_ok=True)
+        res = train_sft(model, tok, data, cfg, cfg.sft_epochs, cfg.lr, "sft", f"{cfg.out}/sft/train_state.pt")
         save_model(model, tok, path)
         finish_stage(cfg, "sft", {**res, "synthetic_problems": len(data), "wall_s": round(time.time() - t0, 1)})
     return path
@@ -1022,7 +1102,7 @@ def run_rft(cfg, train, sft_path):
         write_jsonl(f"{cfg.out}/rft/positives.jsonl", positives)
         model, tok = load_model(cfg, sft_path if cfg.rft_from_sft else cfg.model)
         data = [{"question": p["question"], "response": p["response"]} for p in train if p["response"]] + positives
-        res = train_sft(model, tok, data, cfg, cfg.sft_epochs, cfg.lr, "rft")
+        res = train_sft(model, tok, data, cfg, cfg.sft_epochs, cfg.lr, "rft", f"{cfg.out}/rft/train_state.pt")
         save_model(model, tok, f"{cfg.out}/rft/model")
         finish_stage(cfg, "rft", {**res, "rft_positives": len(positives), "wall_s": round(time.time() - t0, 1)})
     return f"{cfg.out}/rft/model"
@@ -1038,11 +1118,11 @@ def run_dpo(cfg, train, sft_path, name, make_pairs):
         pairs, extra = make_pairs(model, tok, samples)
         write_jsonl(f"{cfg.out}/{name}/pairs.jsonl", pairs)
         if pairs:
-            res = train_dpo(model, tok, pairs, cfg, name)
+            res = train_dpo(model, tok, pairs, cfg, name, f"{cfg.out}/{name}/train_state.pt")
         else:  # e.g. every sample right, or none: nothing to prefer, so the model stays pi_sft (and we say so)
             print(f"WARNING {name}: no pairs were built; the {name} model is pi_sft unchanged. "
                   "More problems, --k_samples or --temperature give more pairs.")
-            res = {"pairs": 0, "log": []}
+            res = {"pairs": 0, "train_tokens": 0, "log": []}
         save_model(model, tok, f"{cfg.out}/{name}/model")
         finish_stage(cfg, name, {**res, **extra, "wall_s": round(time.time() - t0, 1)})
     return f"{cfg.out}/{name}/model"
@@ -1096,6 +1176,193 @@ def summary(cfg, names):
     with open(f"{cfg.out}/summary.md", "w") as f:
         f.write(text + "\n")
     return text
+
+
+def run_pipeline(cfg, train, test, stages):
+    """pi_sft, then each requested stage from it ("rft", "dpo", "per_step"), every model evaluated on test.
+    -> {stage: eval result}"""
+    sft = run_sft(cfg, train)
+    results = {"sft": run_eval(cfg, test, "sft", sft)}
+    if "rft" in stages:
+        results["rft"] = run_eval(cfg, test, "rft", run_rft(cfg, train, sft))
+    if "dpo" in stages:
+        make = lambda model, tok, samples: (outcome_pairs(train, samples, cfg.rft_cap), {})  # noqa: E731
+        results["dpo"] = run_eval(cfg, test, "dpo", run_dpo(cfg, train, sft, "dpo", make))
+    if "per_step" in stages:
+        results["per_step"] = run_eval(cfg, test, "per_step",
+                                       run_dpo(cfg, train, sft, "per_step", per_step_pair_maker(cfg, train)))
+    print("\n" + summary(cfg, list(results)))
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The headline measurement (PAPER.md): SFT on n, 2n, 4n, 8n problems; RFT, outcome DPO and per-step DPO on the
+# first n only; fit SFT error against log(size); each method's multiplier n'/n is the SFT size that would match it.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def fit_log_curve(sizes, errors):
+    """Least squares: error = a + b ln(size). -> (a, b)"""
+    xs = [math.log(s) for s in sizes]
+    mx, my = sum(xs) / len(xs), sum(errors) / len(errors)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, errors)) / sum((x - mx) ** 2 for x in xs)
+    return my - b * mx, b
+
+
+def equivalent_size(error, a, b):
+    """n' with a + b ln n' = error: the SFT data size the fitted curve says reaches this error; None when SFT does
+    not improve with data (b >= 0), where no size is equivalent."""
+    return math.exp((error - a) / b) if b < 0 else None
+
+
+TOY_SOLUTION = re.compile(r"(-?\d+ [-+*/] \d+ = -?\d+\n)+The answer is -?\d+")
+
+
+def first_wrong_step(steps, reference):
+    """Toy truth: the first step (1-based) that differs from the exact solution's step, or None if none does."""
+    for i, step in enumerate(steps):
+        if i >= len(reference) or step.strip() != reference[i].strip():
+            return i + 1
+    return None
+
+
+def response_logps(model, tok, items, cfg):
+    """Summed log pi(response | prompt) for [(prompt, response)], batched, no grad. -> [float]"""
+    device, out = next(model.parameters()).device, []
+    with torch.no_grad():
+        for b in range(0, len(items), cfg.batch_size):
+            enc = [encode(tok, p, r, complete=True) for p, r in items[b:b + cfg.batch_size]]
+            out += sequence_logps(model, *batch_tensors(tok, enc, cfg.max_len, device)[:3]).tolist()
+    return out
+
+
+def credit_report(cfg, train):
+    """On the embedded task the first wrong step of every solution is computable, so the rollout credit can be
+    checked against the truth: how often the pit is the first wrong step, whether M fresh rollouts from the pit
+    prefix (another seed) agree that it is dead, how many correct samples and RFT positives carry a wrong or
+    useless step (the paper's spurious steps), and whether per-step DPO lowers their log-probability."""
+    if not all(p["response"] and TOY_SOLUTION.fullmatch(p["response"]) for p in train):
+        return {}
+    ref = [split_steps(p["response"], cfg.step_cap) for p in train]
+    pairs = read_jsonl(f"{cfg.out}/per_step/pairs.jsonl")
+    negs = {n["nid"]: n for n in collect_negatives(train, read_jsonl(f"{cfg.out}/samples/samples.jsonl"),
+                                                    cfg.max_negatives)}
+    truth = [first_wrong_step(split_steps(negs[p["nid"]]["response"], cfg.step_cap), ref[p["pid"]]) for p in pairs]
+    # re-estimate: M fresh rollouts (another seed) from each pit prefix x + y_{1:c}; agreement = none succeeds
+    sft, tok = load_model(cfg, f"{cfg.out}/sft/model")
+    prefixes = ["".join(split_steps(negs[p["nid"]]["response"], cfg.step_cap)[:p["pit"]]) for p in pairs]
+    rows = [(f"{k}/{j}", PROMPT.format(question=train[p["pid"]]["question"]) + prefixes[k])
+            for k, p in enumerate(pairs) for j in range(cfg.rollouts)]
+    texts, _ = cached_generate(sft, tok, rows, cfg, f"{cfg.out}/per_step/reestimate.jsonl", cfg.seed + 1000003,
+                               "re-estimating pit prefixes")
+    dead = [not any(reward(prefixes[k] + texts[f"{k}/{j}"], train[p["pid"]]["gold"]) for j in range(cfg.rollouts))
+            for k, p in enumerate(pairs)]
+    # spurious steps: correct samples whose steps differ from the exact solution; RFT positives among them
+    samples = read_jsonl(f"{cfg.out}/samples/samples.jsonl")
+    correct = [(pid, t) for pid, s in enumerate(samples) for t, ok in zip(s["responses"], s["correct"]) if ok]
+    is_spurious = lambda pid, t: first_wrong_step(split_steps(t, cfg.step_cap), ref[pid]) is not None  # noqa: E731
+    by_q = {p["question"]: pid for pid, p in enumerate(train)}
+    positives = [(by_q[p["question"]], p["response"]) for p in rft_positives(train, samples, cfg.rft_cap)]
+    spurious = [(pid, t) for pid, t in positives if is_spurious(pid, t)][:512]
+    clean = [(pid, train[pid]["response"]) for pid in dict.fromkeys(pid for pid, _ in spurious)]
+    shift = {}
+    if spurious and os.path.exists(f"{cfg.out}/per_step/model"):
+        ps, _ = load_model(cfg, f"{cfg.out}/per_step/model")
+        for name, group in (("spurious", spurious), ("clean", clean)):
+            items = [(PROMPT.format(question=train[pid]["question"]), t) for pid, t in group]
+            before, after = response_logps(sft, tok, items, cfg), response_logps(ps, tok, items, cfg)
+            shift[name] = round(sum(a - b for a, b in zip(after, before)) / len(items), 3)
+    n = max(1, len(pairs))
+    return {"pairs": len(pairs), "pit_is_first_wrong_step": round(sum(c == p["pit"] for c, p in zip(truth, pairs)) / n, 3),
+            "pit_after_first_wrong_step": round(sum(c is not None and c < p["pit"] for c, p in zip(truth, pairs)) / n, 3),
+            "pit_histogram": {str(c): [p["pit"] for p in pairs].count(c) for c in sorted({p["pit"] for p in pairs})},
+            "first_wrong_histogram": {str(c): truth.count(c) for c in sorted(set(truth), key=str)},
+            "reestimate_agrees": round(sum(dead) / n, 3),
+            "correct_samples_with_wrong_step": round(sum(is_spurious(*c) for c in correct) / max(1, len(correct)), 3),
+            "rft_positives": len(positives),
+            "rft_positives_with_wrong_step": round(sum(is_spurious(*c) for c in positives) / max(1, len(positives)), 3),
+            "logp_shift_spurious_positives": shift.get("spurious"), "logp_shift_exact_solutions": shift.get("clean")}
+
+
+def run_scaling(cfg, train, test):
+    """--mode scaling: per seed, SFT on the first n, 2n, ..., 2^d n problems (nested), RFT / outcome DPO / per-step DPO
+    from the SFT model on the first n, and RFT again with per-step's sampling budget (samples + rollouts, counted in
+    generated tokens). Every model on the same test split; the multipliers, budgets and credit checks -> scaling.md."""
+    t0, n = time.time(), cfg.n_train
+    sizes = [n * 2 ** d for d in range(cfg.doublings + 1)]
+    if n < 1 or len(train) < sizes[-1]:
+        raise SystemExit(f"error: {cfg.train}: --mode scaling needs n_train >= 1 and {sizes[-1]} training problems "
+                         f"(n = {n} times 2^{cfg.doublings}); it has {len(train)}")
+    rows, credit = [], []
+    for seed in range(cfg.seed, cfg.seed + cfg.seeds):
+        def sub(name, m, **kw):
+            c = dataclasses.replace(cfg, seed=seed, n_train=m, out=f"{cfg.out}/seed{seed}/{name}", **kw)
+            check_out_folder(c)
+            return c
+        acc = {}
+        for m in sizes:
+            res = run_pipeline(sub(f"n{m}", m), train[:m], test, ["rft", "dpo", "per_step"] if m == n else [])
+            acc.update({f"sft_{m}": res["sft"]["accuracy"]} if m != n else {k: r["accuracy"] for k, r in res.items()})
+        base = sub(f"n{n}", n)
+        smp, ps = stage_done(base, "samples"), stage_done(base, "per_step")
+        k_budget = math.ceil(cfg.k_samples * (smp["sample_tokens"] + ps["rollout_tokens"]) / smp["sample_tokens"])
+        bud = sub("rft_budget", n, k_samples=k_budget, init=f"{base.out}/sft/model")
+        acc["rft_budget"] = run_pipeline(bud, train[:n], test, ["rft"])["rft"]["accuracy"]
+        a, b = fit_log_curve(sizes, [1 - acc.get(f"sft_{m}", acc["sft"]) for m in sizes])
+        sft_tok = stage_done(base, "sft")["train_tokens"]
+        budget = {"sft": (n, 0, 0, 0, sft_tok),
+                  **{f"sft_{m}": (m, 0, 0, 0, stage_done(sub(f"n{m}", m), "sft")["train_tokens"]) for m in sizes[1:]},
+                  "rft": (n, smp["samples"], 0, smp["sample_tokens"], sft_tok + stage_done(base, "rft")["train_tokens"]),
+                  "rft_budget": (n, n * k_budget, 0, stage_done(bud, "samples")["sample_tokens"],
+                                 sft_tok + stage_done(bud, "rft")["train_tokens"]),
+                  "dpo": (n, smp["samples"], 0, smp["sample_tokens"], sft_tok + stage_done(base, "dpo")["train_tokens"]),
+                  "per_step": (n, smp["samples"], ps["rollouts"], smp["sample_tokens"] + ps["rollout_tokens"],
+                               sft_tok + ps["train_tokens"])}
+        for method, (problems, samples, rollouts, sampled, trained) in budget.items():
+            eq = equivalent_size(1 - acc[method], a, b)
+            rows.append({"stage": "scaling", "seed": seed, "method": method, "problems": problems,
+                         "accuracy": acc[method], "sft_equivalent_problems": eq and round(eq),
+                         "multiplier": eq and round(eq / n, 2), "samples": samples, "rollouts": rollouts,
+                         "tokens_sampled": sampled, "tokens_trained": trained, "fit_a": round(a, 4), "fit_b": round(b, 4)})
+        credit.append({"stage": "scaling_credit", "seed": seed, **credit_report(base, train[:n])})
+    write_jsonl(f"{cfg.out}/metrics.jsonl", rows + credit, mode="a")
+    text = scaling_table(rows, credit, sizes, time.time() - t0)
+    with open(f"{cfg.out}/scaling.md", "w") as f:
+        f.write(text + "\n")
+    print("\n" + text)
+    return rows, credit
+
+
+def mean_sd(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return "n/a"
+    m = sum(values) / len(values)
+    sd = (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return f"{m:.3g} ± {sd:.2g}" if len(values) > 1 else f"{m:.3g}"
+
+
+def scaling_table(rows, credit, sizes, seconds):
+    seeds = sorted({r["seed"] for r in rows})
+    lines = [f"SFT fitted as error = a + b ln(problems) on sizes {sizes}; multiplier = n'/n, n' the size where the fit "
+             f"reaches the method's error. Mean ± sd over seeds {seeds}; wall {seconds / 60:.1f} min.", "",
+             "| method | problems | test acc | multiplier n'/n | per seed | samples | rollouts | tokens sampled | "
+             "tokens trained |", "|---|---|---|---|---|---|---|---|---|"]
+    for method in dict.fromkeys(r["method"] for r in rows):
+        rs = [r for r in rows if r["method"] == method]
+        avg = lambda key: round(sum(r[key] for r in rs) / len(rs))  # noqa: E731
+        per_seed = " ".join("n/a" if r["multiplier"] is None else f"{r['multiplier']:.2f}" for r in rs)
+        lines.append(f"| {method} | {rs[0]['problems']} | {mean_sd([r['accuracy'] for r in rs])} | "
+                     f"{mean_sd([r['multiplier'] for r in rs])} | {per_seed} | {avg('samples')} | {avg('rollouts')} | "
+                     f"{avg('tokens_sampled')} | {avg('tokens_trained')} |")
+    if any(len(c) > 2 for c in credit):
+        lines += ["", "Credit against the toy's truth (mean ± sd over seeds):", ""]
+        for key in [k for k in credit[0] if k not in ("stage", "seed") and not k.endswith("histogram")]:
+            lines.append(f"- {key}: {mean_sd([c.get(key) for c in credit])}")
+        for c in credit:
+            lines.append(f"- seed {c['seed']}: pit positions {c['pit_histogram']}, first wrong step "
+                         f"{c['first_wrong_histogram']}")
+    return "\n".join(lines)
 
 
 def bench_rollouts(cfg, train, n_negatives=256):
@@ -1172,7 +1439,8 @@ def main(argv=None):
     if pick_device(cfg) == "cpu":
         torch.set_num_threads(max(1, os.cpu_count() or 1))
     try:
-        train = load_problems(cfg.train, cfg.n_train) if cfg.mode != "eval" else []
+        limit = cfg.n_train * 2 ** cfg.doublings if cfg.mode == "scaling" else cfg.n_train
+        train = load_problems(cfg.train, limit) if cfg.mode != "eval" else []
         test = load_problems(cfg.test, cfg.n_test)
     except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, not a traceback
         raise SystemExit(f"error: {e}") from None
@@ -1184,21 +1452,24 @@ def main(argv=None):
         path = cfg.init or f"{cfg.out}/sft/model"
         run_eval(cfg, test, "init" if cfg.init else "sft", path)
         return
-    sft = run_sft(cfg, train)
-    names = ["sft"]
-    run_eval(cfg, test, "sft", sft)
-    if cfg.mode in ("rft", "all"):
-        run_eval(cfg, test, "rft", run_rft(cfg, train, sft))
-        names.append("rft")
-    if cfg.mode in ("dpo", "all"):
-        make = lambda model, tok, samples: (outcome_pairs(train, samples, cfg.rft_cap), {})  # noqa: E731
-        run_eval(cfg, test, "dpo", run_dpo(cfg, train, sft, "dpo", make))
-        names.append("dpo")
-    if cfg.mode in ("per_step", "all"):
-        run_eval(cfg, test, "per_step", run_dpo(cfg, train, sft, "per_step", per_step_pair_maker(cfg, train)))
-        names.append("per_step")
-    print("\n" + summary(cfg, names))
+    if cfg.mode == "scaling":
+        run_scaling(cfg, train, test)
+        return
+    run_pipeline(cfg, train, test, {"rft": ["rft"], "dpo": ["dpo"], "per_step": ["per_step"],
+                                    "all": ["rft", "dpo", "per_step"]}.get(cfg.mode, []))
+
+def _stop(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (a scheduler pre-empting the job) takes the same path as Ctrl-C
 
 
 if __name__ == "__main__":
-    main()
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        main()
+    except KeyboardInterrupt:
+        # finished batches are on disk (the batch in flight is abandoned), training has its last checkpoint
+        print("\ninterrupted; everything finished so far is saved. Resume with the same command:\n  python "
+              + " ".join(shlex.quote(a) for a in sys.argv), file=sys.stderr)
+        sys.exit(130)
+    except FloatingPointError as e:  # a non-finite loss: stop, keep the last good checkpoint
+        sys.exit(f"error: {e}. The last checkpoint before it (the stage's train_state.pt) is kept.")

@@ -482,3 +482,123 @@ def test_command_line_bad_input_is_one_clear_line(tmp_path):
     with pytest.raises(SystemExit) as e:
         sn.main(["--mode", "sft", "--train", str(f), "--out", str(tmp_path / "run")])
     assert str(e.value) == f"error: {f}, line 2: field 'answer' is missing or not a non-empty string (read as plain format)"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The scaling measurement
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_log_curve_fit_and_equivalent_size_recover_a_known_curve():
+    sizes = [100, 200, 400, 800]
+    a, b = sn.fit_log_curve(sizes, [0.9 - 0.1 * math.log(m) for m in sizes])
+    assert abs(a - 0.9) < 1e-9 and abs(b + 0.1) < 1e-9
+    assert abs(sn.equivalent_size(0.9 - 0.1 * math.log(800), a, b) - 800) < 1e-6
+    assert abs(sn.equivalent_size(0.9 - 0.1 * math.log(3200), a, b) - 3200) < 1e-6   # extrapolates past 8n
+    assert sn.equivalent_size(0.5, 0.4, 0.01) is None                               # SFT not improving: no size
+
+
+def test_scaling_mode_reports_the_multipliers_of_synthetic_curves(tmp_path, monkeypatch):
+    """A miniature scaling run whose evaluation is replaced by a known curve: SFT accuracy = 0.1 + 0.1 ln(m/n) on m
+    problems; RFT scores what SFT scores on 2n, per-step on 8n, budget-matched RFT on 4n, outcome DPO on n."""
+    n = 4
+    at = {"rft": 2, "per_step": 8, "dpo": 1}
+
+    def fake_evaluate(model, tok, problems, cfg, path, desc):
+        name = desc.split()[-1]
+        times = 4 if "rft_budget" in cfg.out and name == "rft" else at.get(name, cfg.n_train / n)
+        return {"accuracy": 0.1 + 0.1 * math.log(times), "unparsable": 0, "n_test": len(problems)}
+    monkeypatch.setattr(sn, "evaluate", fake_evaluate)
+    out = str(tmp_path / "scaling")
+    rows, credit = sn.run_scaling(*scaling_args(n, out))
+    got = {(r["seed"], r["method"]): r for r in rows}
+    assert {s for s, _ in got} == {0, 1} and len(credit) == 2
+    for seed in (0, 1):
+        mult = {m: got[seed, m]["multiplier"] for m in ("sft", "sft_8", "sft_16", "rft", "rft_budget", "dpo", "per_step")}
+        assert mult == {"sft": 1.0, "sft_8": 2.0, "sft_16": 4.0, "rft": 2.0, "rft_budget": 4.0, "dpo": 1.0, "per_step": 8.0}
+        assert got[seed, "per_step"]["samples"] == n * 2 and got[seed, "sft_16"]["problems"] == 16
+        assert got[seed, "rft_budget"]["samples"] >= got[seed, "rft"]["samples"]
+        assert got[seed, "rft"]["tokens_trained"] > got[seed, "sft"]["tokens_trained"]
+    table = open(os.path.join(out, "scaling.md")).read()
+    assert "| per_step | 4 |" in table and "8 ± 0 |" in table
+    assert [json.loads(x)["stage"] for x in open(os.path.join(out, "metrics.jsonl"))].count("scaling") == 14
+
+
+def scaling_args(n, out):
+    cfg = sn.parse_config(MINI + ["--mode", "scaling", "--n_train", str(n), "--doublings", "2", "--seeds", "2",
+                                  "--out", out, "--n_test", "2", "--max_new_tokens", "8"])
+    return cfg, sn.load_problems(cfg.train, n * 4), sn.load_problems(cfg.test, 2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Runs that survive SIGKILL
+# ----------------------------------------------------------------------------------------------------------------
+
+KILLABLE = r'''
+"""python killable.py POINT N ARGS...: stepneg.main(ARGS) with a seeded fake sampler, SIGKILLed at the N-th call of
+POINT (generate or an optimizer step): the hardest crash, no handler runs."""
+import os, random, signal, sys
+import torch
+import stepneg as sn
+point, at = sys.argv[1], int(sys.argv[2])
+gold = {p["question"]: p["gold"] for f in os.environ["GOLD_FILES"].split(",") for p in sn.load_problems(f)}
+calls = {"generate": 0, "step": 0}
+
+
+def count(name):
+    calls[name] += 1
+    if point == name and calls[name] == at:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def policy(model, tok, prompts, temperature, max_new, seed):
+    count("generate")
+    rng, texts = random.Random(seed), []
+    for p in prompts:
+        question, prefix = p.split("Question: ", 1)[1].split("\nAnswer:\n", 1)
+        ok = rng.random() < (0.1 if "= 3\n" in prefix else 0.6)
+        first = "" if prefix else ("1 + 1 = 2\n" if rng.random() < 0.5 else "1 + 1 = 3\n")
+        texts.append(first + ("3 + 3 = 6\nThe answer is " + gold[question] if ok else "3 + 3 = 7\nThe answer is -1"))
+    return texts, [len(t) for t in texts]
+
+
+adam_step = torch.optim.AdamW.step
+torch.optim.AdamW.step = lambda self, *a, **k: (count("step"), adam_step(self, *a, **k))[1]
+sn.generate = policy
+sn.main(sys.argv[3:])
+'''
+
+
+def test_sigkilled_run_resumes_to_identical_pairs_weights_and_metrics(tmp_path):
+    """One miniature per-step run killed four times (mid-SFT training, mid-sampling, mid-rollouts, mid-DPO
+    training), each time restarted with the same command, against one uninterrupted run."""
+    import subprocess
+    import sys
+    from safetensors.torch import load_file
+    (tmp_path / "killable.py").write_text(KILLABLE)
+    env = {**os.environ, "PYTHONPATH": HERE, "GOLD_FILES": f"{HERE}/data/train.jsonl,{HERE}/data/test.jsonl"}
+    args = MINI + ["--mode", "per_step", "--sft_epochs", "3", "--dpo_epochs", "2", "--gen_batch", "8",
+                   "--ckpt_every", "1"]
+
+    def run(out, point="none", at=0):
+        return subprocess.run([sys.executable, str(tmp_path / "killable.py"), point, str(at)] + args + ["--out", out],
+                              env=env, capture_output=True, text=True)
+    whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
+    assert run(whole).returncode == 0
+    kills = [("step", 4, lambda: os.path.exists(f"{cut}/sft/train_state.pt")),                 # mid-SFT
+             ("generate", 3, lambda: os.path.exists(f"{cut}/samples/generations.jsonl")        # mid-sampling
+              and not os.path.exists(f"{cut}/samples/done.json")),
+             ("generate", 4, lambda: os.path.exists(f"{cut}/per_step/rollouts.jsonl")          # mid-rollouts
+              and not os.path.exists(f"{cut}/per_step/pairs.jsonl")),
+             ("step", 2, lambda: os.path.exists(f"{cut}/per_step/train_state.pt"))]            # mid-DPO
+    for point, at, where in kills:
+        assert run(cut, point, at).returncode == -9 and where(), (point, at)
+    assert run(cut).returncode == 0
+    for f in ["samples/samples.jsonl", "per_step/pairs.jsonl"]:
+        assert open(f"{whole}/{f}", "rb").read() == open(f"{cut}/{f}", "rb").read(), f
+    assert sn.read_jsonl(f"{whole}/per_step/pairs.jsonl")
+    for m in ["sft", "per_step"]:
+        a, b = load_file(f"{whole}/{m}/model/model.safetensors"), load_file(f"{cut}/{m}/model/model.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a), m
+    for name in ["eval_sft", "eval_per_step"]:
+        assert sn.stage_done(sn.Config(out=whole), name)["accuracy"] == sn.stage_done(sn.Config(out=cut), name)["accuracy"]
