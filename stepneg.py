@@ -1037,7 +1037,21 @@ def stage_done(cfg, name):
     return result
 
 
+# What each stage's outputs are computed from: a stage that is redone makes these stale, so they are redone too.
+DOWNSTREAM = {"sft": ["eval_sft", "samples", "rft"], "samples": ["rft", "dpo", "per_step"], "rft": ["eval_rft"],
+              "dpo": ["eval_dpo"], "per_step": ["eval_per_step"]}
+
+
+def invalidate_downstream(cfg, name):
+    for later in DOWNSTREAM.get(name, []):
+        if os.path.exists(f"{cfg.out}/{later}/done.json"):
+            print(f"{cfg.out}/{later}: made from an earlier {name}; it will be redone")
+            os.remove(f"{cfg.out}/{later}/done.json")
+        invalidate_downstream(cfg, later)
+
+
 def finish_stage(cfg, name, result):
+    invalidate_downstream(cfg, name)
     if os.path.exists(f"{cfg.out}/{name}/train_state.pt"):  # the model is saved: the resume state is not needed
         os.remove(f"{cfg.out}/{name}/train_state.pt")
     result["outputs"] = {os.path.relpath(os.path.join(d, f), f"{cfg.out}/{name}"): os.path.getsize(os.path.join(d, f))
@@ -1458,18 +1472,25 @@ def main(argv=None):
     run_pipeline(cfg, train, test, {"rft": ["rft"], "dpo": ["dpo"], "per_step": ["per_step"],
                                     "all": ["rft", "dpo", "per_step"]}.get(cfg.mode, []))
 
+
 def _stop(signum, frame):
     raise KeyboardInterrupt  # SIGTERM (a scheduler pre-empting the job) takes the same path as Ctrl-C
 
 
-if __name__ == "__main__":
+def cli(argv=None):
+    """main() as a command: Ctrl-C or SIGTERM (a scheduler pre-empting the job) stops cleanly and says how to resume."""
     signal.signal(signal.SIGTERM, _stop)
     try:
-        main()
+        main(argv)
     except KeyboardInterrupt:
         # finished batches are on disk (the batch in flight is abandoned), training has its last checkpoint
+        args = sys.argv[1:] if argv is None else argv
         print("\ninterrupted; everything finished so far is saved. Resume with the same command:\n  python "
-              + " ".join(shlex.quote(a) for a in sys.argv), file=sys.stderr)
+              f"{os.path.relpath(__file__)} {shlex.join(args)}", file=sys.stderr)
         sys.exit(130)
     except FloatingPointError as e:  # a non-finite loss: stop, keep the last good checkpoint
         sys.exit(f"error: {e}. The last checkpoint before it (the stage's train_state.pt) is kept.")
+
+
+if __name__ == "__main__":
+    cli()

@@ -536,7 +536,8 @@ def scaling_args(n, out):
 
 KILLABLE = r'''
 """python killable.py POINT N ARGS...: stepneg.main(ARGS) with a seeded fake sampler, SIGKILLed at the N-th call of
-POINT (generate or an optimizer step): the hardest crash, no handler runs."""
+POINT (generate or step, an optimizer step): the hardest crash, no handler runs. POINT term sends SIGTERM at the N-th
+generate call instead, as a scheduler pre-empting the job would."""
 import os, random, signal, sys
 import torch
 import stepneg as sn
@@ -549,6 +550,8 @@ def count(name):
     calls[name] += 1
     if point == name and calls[name] == at:
         os.kill(os.getpid(), signal.SIGKILL)
+    if point == "term" and name == "generate" and calls[name] == at:
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def policy(model, tok, prompts, temperature, max_new, seed):
@@ -565,13 +568,14 @@ def policy(model, tok, prompts, temperature, max_new, seed):
 adam_step = torch.optim.AdamW.step
 torch.optim.AdamW.step = lambda self, *a, **k: (count("step"), adam_step(self, *a, **k))[1]
 sn.generate = policy
-sn.main(sys.argv[3:])
+sn.cli(sys.argv[3:])
 '''
 
 
 def test_sigkilled_run_resumes_to_identical_pairs_weights_and_metrics(tmp_path):
     """One miniature per-step run killed four times (mid-SFT training, mid-sampling, mid-rollouts, mid-DPO
-    training), each time restarted with the same command, against one uninterrupted run."""
+    training) and stopped once by SIGTERM, each time restarted with the same command, against one uninterrupted
+    run."""
     import subprocess
     import sys
     from safetensors.torch import load_file
@@ -590,9 +594,14 @@ def test_sigkilled_run_resumes_to_identical_pairs_weights_and_metrics(tmp_path):
               and not os.path.exists(f"{cut}/samples/done.json")),
              ("generate", 4, lambda: os.path.exists(f"{cut}/per_step/rollouts.jsonl")          # mid-rollouts
               and not os.path.exists(f"{cut}/per_step/pairs.jsonl")),
+             ("generate", 2, lambda: not os.path.exists(f"{cut}/per_step/pairs.jsonl")),       # mid-rollouts again
              ("step", 2, lambda: os.path.exists(f"{cut}/per_step/train_state.pt"))]            # mid-DPO
     for point, at, where in kills:
         assert run(cut, point, at).returncode == -9 and where(), (point, at)
+        if point == "generate" and at == 4:  # this time a polite SIGTERM: exit 130 and the command that resumes
+            term = run(cut, "term", 1)
+            assert term.returncode == 130 and "Resume with the same command" in term.stderr
+            assert f"--out {cut}" in term.stderr.splitlines()[-1]
     assert run(cut).returncode == 0
     for f in ["samples/samples.jsonl", "per_step/pairs.jsonl"]:
         assert open(f"{whole}/{f}", "rb").read() == open(f"{cut}/{f}", "rb").read(), f
@@ -602,3 +611,36 @@ def test_sigkilled_run_resumes_to_identical_pairs_weights_and_metrics(tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a), m
     for name in ["eval_sft", "eval_per_step"]:
         assert sn.stage_done(sn.Config(out=whole), name)["accuracy"] == sn.stage_done(sn.Config(out=cut), name)["accuracy"]
+
+
+def test_cached_rows_from_other_weights_are_not_reused(tmp_path):
+    cfg = sn.Config(d_model=32, n_layers=1, n_heads=2, gen_batch=4, max_new_tokens=8)
+    model, tok = sn.load_model(cfg, "tiny")
+    rows = [(str(i), f"Question: {i}\nAnswer:\n") for i in range(6)]
+    path = str(tmp_path / "gen.jsonl")
+    sn.cached_generate(model, tok, rows, cfg, path, 0, "a")
+    _, again = sn.cached_generate(model, tok, rows, cfg, path, 0, "a")
+    assert again["new_tokens"] == 0                                   # same weights and settings: all reused
+    with torch.no_grad():
+        next(model.parameters()).add_(0.01)                           # "the SFT stage was redone"
+    _, other = sn.cached_generate(model, tok, rows, cfg, path, 0, "a")
+    assert other["new_tokens"] > 0 and other["tokens"] == other["new_tokens"]
+    _, hotter = sn.cached_generate(model, tok, rows, cfg, path, 0, "a", temperature=1.3)
+    assert hotter["new_tokens"] > 0                                   # other sampling settings: regenerated too
+
+
+def test_a_finished_stage_whose_outputs_changed_is_redone(tmp_path):
+    out = str(tmp_path / "run")
+    sn.main(MINI + ["--mode", "sft", "--out", out])
+    cfg = sn.Config(out=out)
+    assert sn.stage_done(cfg, "sft") and sn.stage_done(cfg, "eval_sft")
+    with open(f"{out}/eval_sft/responses.jsonl", "a") as f:
+        f.write("{}\n")
+    assert sn.stage_done(cfg, "eval_sft") is None and sn.stage_done(cfg, "sft")
+    sn.main(MINI + ["--mode", "per_step", "--out", out])                # redoes eval_sft only
+    assert [json.loads(x)["stage"] for x in open(f"{out}/metrics.jsonl")].count("sft") == 1
+    os.remove(f"{out}/sft/model/model.safetensors")
+    assert sn.stage_done(cfg, "sft") is None
+    sn.main(MINI + ["--mode", "sft", "--out", out])                     # SFT redone: all made from it is stale
+    assert sn.stage_done(cfg, "sft") and all(sn.stage_done(cfg, s) is None for s in ("samples", "per_step",
+                                                                                         "eval_per_step"))
