@@ -12,10 +12,11 @@ LLM Math Reasoning by Eight-Fold" (NeurIPS 2024, arXiv 2406.14532). The pipeline
     python stepneg.py --mode per_step          # the whole job on the embedded CPU default (no downloads)
     python stepneg.py --mode all               # SFT, RFT, outcome DPO and per-step DPO side by side
     python stepneg.py --mode per_step --model Qwen/Qwen2.5-1.5B --train gsm8k_train.jsonl --test gsm8k_test.jsonl
+    python stepneg.py --mode scaling           # the paper's headline: SFT on n..8n vs each method on n, multipliers
     python stepneg.py --mode bench_rollouts    # after a per_step run: the rollout stage's speed and first-pit saving
 
 Sections: config, data, answer checking, model and tokenizer, sampling, steps and rollouts, losses, training
-loops, evaluation, stages, main.
+loops, evaluation, stages, the scaling measurement, benchmark, main.
 """
 import argparse
 import dataclasses
@@ -62,6 +63,7 @@ class Config:
     n_heads: int = 4
     # SFT (and RFT, which reuses the SFT loop)
     sft_epochs: int = 16
+    sft_steps: int = 0           # > 0: every SFT and RFT run takes exactly this many optimizer steps, whatever its size
     lr: float = 3e-3             # tiny model from scratch; use ~1e-5 for a pretrained 7B
     batch_size: int = 32
     # sampling from pi_sft (RFT positives, negatives, rollouts)
@@ -94,6 +96,13 @@ RESULT_KEYS = [f.name for f in dataclasses.fields(Config) if f.name not in ("mod
 PROMPT = "Question: {question}\nAnswer:\n"
 
 
+# --mode scaling on the embedded task: SFT on 125, 250, 500, 1000 problems, every SFT/RFT the same 512 optimizer steps
+# (the tiny model from scratch needs that many; with a fixed epoch count the small sizes never train, the large ones
+# cost hours), and 8 samples per problem with up to 4 negatives, so 125 problems still give pairs. Any of these given
+# on the command line wins.
+SCALING_DEFAULTS = {"n_train": 125, "sft_steps": 512, "k_samples": 8, "max_negatives": 4}
+
+
 def parse_config(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for f in dataclasses.fields(Config):
@@ -102,6 +111,9 @@ def parse_config(argv=None):
         else:
             ap.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
     cfg = Config(**vars(ap.parse_args(argv)))
+    if cfg.mode == "scaling":  # its own defaults for the flags not given: 8n problems at n = 1000 would take hours
+        given = {a.split("=")[0][2:] for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--")}
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in SCALING_DEFAULTS.items() if k not in given})
     modes = ("make_data", "sft", "rft", "dpo", "per_step", "eval", "all", "scaling", "bench_rollouts")
     for name, value, allowed in [("mode", cfg.mode, modes), ("credit", cfg.credit, ("first_pit", "min_advantage")),
                                  ("pair_form", cfg.pair_form, ("step", "full"))]:
@@ -890,18 +902,19 @@ def train_sft(model, tok, examples, cfg, epochs, lr, desc, ckpt=None):
     device = next(model.parameters()).device
     data = [encode(tok, PROMPT.format(question=e["question"]), e["response"], complete=True) for e in examples]
     rng = random.Random(cfg.seed)
-    steps = epochs * math.ceil(len(data) / cfg.batch_size)
+    per_epoch = math.ceil(len(data) / cfg.batch_size)
+    steps = cfg.sft_steps or epochs * per_epoch
     opt, sched = make_optimizer(model, lr, steps)
     model.train()
     st = {"log": [], "truncated": 0, "train_tokens": 0}
     start, step, t0, tok_now = load_train_state(ckpt, model, opt, sched, st), 0, time.time(), 0
     bar = tqdm(total=steps, initial=start, desc=desc, leave=False)
-    for epoch in range(epochs):
+    for epoch in range(math.ceil(steps / per_epoch)):
         order = list(range(len(data)))
         rng.shuffle(order)  # every epoch's order is replayed on resume, so the data position is exact
         for b in range(0, len(order), cfg.batch_size):
             step += 1
-            if step <= start:
+            if step <= start or step > steps:
                 continue
             ids, att, mask, tr = batch_tensors(tok, [data[i] for i in order[b:b + cfg.batch_size]], cfg.max_len, device)
             st["truncated"] += tr

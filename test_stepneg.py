@@ -522,11 +522,24 @@ def test_scaling_mode_reports_the_multipliers_of_synthetic_curves(tmp_path, monk
     table = open(os.path.join(out, "scaling.md")).read()
     assert "| per_step | 4 |" in table and "8 ± 0 |" in table
     assert [json.loads(x)["stage"] for x in open(os.path.join(out, "metrics.jsonl"))].count("scaling") == 14
+    steps = [sn.stage_done(sn.Config(out=f"{out}/seed0/{d}"), s)["log"][-1]["step"]
+             for d, s in [("n4", "sft"), ("n16", "sft"), ("n4", "rft"), ("rft_budget", "rft")]]
+    assert steps == [2, 2, 2, 2]  # compute-matched: every SFT and RFT the same number of optimizer steps
+
+
+def test_first_wrong_step_is_the_toy_truth():
+    ref = sn.split_steps("7 + 5 = 12\n12 - 3 = 9\nThe answer is 9")
+    assert sn.first_wrong_step(ref, ref) is None
+    assert sn.first_wrong_step(sn.split_steps("7 + 5 = 12\n12 - 3 = 8\nThe answer is 8"), ref) == 2
+    assert sn.first_wrong_step(sn.split_steps("7 + 5 = 11\n11 - 3 = 9\nThe answer is 9"), ref) == 1  # spurious
+    assert sn.first_wrong_step(sn.split_steps("7 + 5 = 12\n12 - 3 = 9\n9 + 0 = 9\nThe answer is 9"), ref) == 3
+    assert all(sn.TOY_SOLUTION.fullmatch(p["response"]) for p in sn.load_problems(f"{HERE}/data/train.jsonl", 50))
 
 
 def scaling_args(n, out):
     cfg = sn.parse_config(MINI + ["--mode", "scaling", "--n_train", str(n), "--doublings", "2", "--seeds", "2",
-                                  "--out", out, "--n_test", "2", "--max_new_tokens", "8"])
+                                  "--out", out, "--n_test", "2", "--max_new_tokens", "8", "--sft_steps", "2"])
+    assert (cfg.n_train, cfg.sft_steps) == (n, 2) and sn.parse_config(["--mode", "scaling"]).sft_steps == 512
     return cfg, sn.load_problems(cfg.train, n * 4), sn.load_problems(cfg.test, 2)
 
 
