@@ -172,17 +172,23 @@ def make_toy_data(seed=0, n_train=8000, n_test=500):
     return rows[:n_train], rows[n_train:]
 
 
-def write_jsonl(path, rows, mode="w"):
-    """Append-or-write rows; a whole file is written to a temporary name first so a crash leaves no torn file."""
+def write_text(path, text):
+    """A whole file, written to a temporary name and renamed: a crash leaves the old file or the new, never half."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def write_jsonl(path, rows, mode="w"):
+    """Write rows whole (write_text), or append them and flush (a cache growing a batch at a time)."""
     if mode == "a":
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
             f.flush()
         return
-    with open(path + ".tmp", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    os.replace(path + ".tmp", path)
+    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def numbered_jsonl(path, tolerant=False):
@@ -1072,9 +1078,7 @@ def finish_stage(cfg, name, result):
     write_jsonl(f"{cfg.out}/metrics.jsonl", [{"stage": name, **{k: v for k, v in result.items()
                                                                   if k not in ("log", "outputs")}}],
                 mode="a")
-    with open(f"{cfg.out}/{name}/done.json.tmp", "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(f"{cfg.out}/{name}/done.json.tmp", f"{cfg.out}/{name}/done.json")
+    write_text(f"{cfg.out}/{name}/done.json", json.dumps(result, indent=1))
     return result
 
 
@@ -1200,8 +1204,7 @@ def summary(cfg, names):
                      f"rollout tokens ({ps.get('rollout_tokens_per_s')} tokens/s), {ps['pairs_per_1k_rollouts']} pairs "
                      f"per 1k rollouts, pit positions {ps['pit_histogram']}")
     text = "\n".join(lines)
-    with open(f"{cfg.out}/summary.md", "w") as f:
-        f.write(text + "\n")
+    write_text(f"{cfg.out}/summary.md", text + "\n")
     return text
 
 
@@ -1354,8 +1357,7 @@ def run_scaling(cfg, train, test):
         credit.append({"stage": "scaling_credit", "seed": seed, **credit_report(base, train[:n])})
     write_jsonl(f"{cfg.out}/metrics.jsonl", rows + credit, mode="a")
     text = scaling_table(rows, credit, sizes, time.time() - t0)
-    with open(f"{cfg.out}/scaling.md", "w") as f:
-        f.write(text + "\n")
+    write_text(f"{cfg.out}/scaling.md", text + "\n")
     print("\n" + text)
     return rows, credit
 
@@ -1447,9 +1449,7 @@ def check_out_folder(cfg):
         if diff:
             raise SystemExit(f"{cfg.out} was made with other settings ({', '.join(f'--{k} {theirs[k]!r}' for k in diff)}"
                              f"); use a new --out or the same settings")
-    os.makedirs(cfg.out, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(mine, f, indent=1)
+    write_text(path, json.dumps(mine, indent=1))
 
 
 def main(argv=None):

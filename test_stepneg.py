@@ -657,3 +657,20 @@ def test_a_finished_stage_whose_outputs_changed_is_redone(tmp_path):
     sn.main(MINI + ["--mode", "sft", "--out", out])                     # SFT redone: all made from it is stale
     assert sn.stage_done(cfg, "sft") and all(sn.stage_done(cfg, s) is None for s in ("samples", "per_step",
                                                                                          "eval_per_step"))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    cfg = sn.Config(d_model=32, n_layers=1, n_heads=2, batch_size=2, ckpt_every=1, log_every=100)
+    model, tok = sn.load_model(cfg, "tiny")
+    data = [{"question": f"{i} + 1?", "response": f"{i} + 1 = {i + 1}\nThe answer is {i + 1}"} for i in range(8)]
+    calls, real = {"n": 0}, sn.sft_loss
+
+    def nan_at_third(token_logps, mask):
+        calls["n"] += 1
+        return real(token_logps, mask) * (float("nan") if calls["n"] == 3 else 1.0)
+    monkeypatch.setattr(sn, "sft_loss", nan_at_third)
+    ckpt = str(tmp_path / "train_state.pt")
+    with pytest.raises(FloatingPointError, match="sft-test: the loss became nan"):
+        sn.train_sft(model, tok, data, cfg, 1, 1e-3, "sft-test", ckpt)
+    state = torch.load(ckpt, weights_only=False)
+    assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values())
