@@ -1305,6 +1305,7 @@ def credit_report(cfg, train):
     n = max(1, len(pairs))
     return {"pairs": len(pairs), "pit_is_first_wrong_step": round(sum(c == p["pit"] for c, p in zip(truth, pairs)) / n, 3),
             "pit_after_first_wrong_step": round(sum(c is not None and c < p["pit"] for c, p in zip(truth, pairs)) / n, 3),
+            "pit_on_a_right_step": round(sum(c is None or c > p["pit"] for c, p in zip(truth, pairs)) / n, 3),
             "pit_histogram": {str(c): [p["pit"] for p in pairs].count(c) for c in sorted({p["pit"] for p in pairs})},
             "first_wrong_histogram": {str(c): truth.count(c) for c in sorted(set(truth), key=str)},
             "reestimate_agrees": round(sum(dead) / n, 3),
