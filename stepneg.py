@@ -82,6 +82,8 @@ class Config:
     pair_form: str = "step"      # step: rejected = the pit step alone | full: (x, y+, y-_{1:c}) shorthand
     # DPO (outcome and per-step)
     beta: float = 0.1
+    lora_rank: int = 0           # > 0: train low-rank adapters (Hu et al. 2021) instead of every weight; saved merged
+    grad_ckpt: bool = False      # recompute activations in the backward pass: less memory, about 30% more time
     dpo_lr: float = 5e-5
     dpo_epochs: int = 2
     log_every: int = 20          # training steps between log lines
@@ -545,7 +547,48 @@ def load_model(cfg, path):
     return model.to(device=device, dtype=dtype), tok
 
 
+class LoRALinear(torch.nn.Module):
+    """y = W x + (alpha / r) B A x, with W frozen and only A (r x in) and B (out x r) trained. B starts at zero, so
+    the model starts exactly as the one it wraps: the reference log-probs taken before training are pi_sft's."""
+
+    def __init__(self, base, rank, alpha=16.0):
+        super().__init__()
+        self.base, self.scale = base, alpha / rank
+        self.A = torch.nn.Parameter(torch.randn(rank, base.in_features, dtype=base.weight.dtype,
+                                                device=base.weight.device) / base.in_features ** 0.5)
+        self.B = torch.nn.Parameter(torch.zeros(base.out_features, rank, dtype=base.weight.dtype,
+                                                device=base.weight.device))
+
+    def forward(self, x):
+        return self.base(x) + (x @ self.A.T @ self.B.T) * self.scale
+
+
+def add_lora(model, rank):
+    """Freeze every weight; wrap the attention and MLP projections (q/k/v/o, gate/up/down) in adapters."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, module in list(model.named_modules()):
+        for child, layer in list(module.named_children()):
+            if child.endswith("_proj") and isinstance(layer, torch.nn.Linear):
+                setattr(module, child, LoRALinear(layer, rank))
+    return model
+
+
+def merge_lora(model):
+    """Fold each adapter into its weight (W += scale B A) and unwrap it: a plain model for save_pretrained."""
+    for name, module in list(model.named_modules()):
+        for child, layer in list(module.named_children()):
+            if isinstance(layer, LoRALinear):
+                with torch.no_grad():
+                    layer.base.weight += (layer.B @ layer.A) * layer.scale
+                setattr(module, child, layer.base)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
 def save_model(model, tok, path):
+    model = merge_lora(model)
     tmp = path + ".tmp"
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
@@ -869,7 +912,7 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
 
 
 def make_optimizer(model, lr, total_steps, betas=(0.9, 0.95)):
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=betas)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0, betas=betas)
     warm = max(1, total_steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warm, max(0.0, (total_steps - s) / max(1, total_steps - warm))))
@@ -903,6 +946,32 @@ def load_train_state(path, model, opt, sched, extra):
     return state["step"]
 
 
+def memory_estimate(model, batch, seq, grad_ckpt):
+    """GiB for weights, gradients, AdamW's two moments, and one batch's activations. Activations per layer follow
+    Korthikanti et al. 2022: s b h (34 + 5 a s / h) bytes in 16-bit (2 s b h kept with checkpointing), plus the
+    fp32 logits and their log-softmax (2 x 4 b s V bytes)."""
+    mc, size = model.config, next(model.parameters()).element_size()
+    h, a, L, V = mc.hidden_size, mc.num_attention_heads, mc.num_hidden_layers, mc.vocab_size
+    total = sum(p.numel() for p in model.parameters())
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    per_layer = seq * batch * h * (2 if grad_ckpt else 34 + 5 * a * seq / h) * size / 2
+    gib = {"weights": total * size, "gradients": trained * size, "optimizer": 2 * trained * size,
+           "activations": L * per_layer + 8 * batch * seq * V}
+    return {k: round(v / 2 ** 30, 3) for k, v in gib.items()}
+
+
+def prepare_training(model, cfg, desc):
+    """Adapters (--lora_rank) and activation checkpointing (--grad_ckpt), train mode, and the memory this needs."""
+    if cfg.lora_rank:
+        add_lora(model, cfg.lora_rank)
+    if cfg.grad_ckpt:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    est = memory_estimate(model, cfg.batch_size, cfg.max_len, cfg.grad_ckpt)
+    print(f"{desc}: memory estimate (GiB, batch {cfg.batch_size} x {cfg.max_len} tokens at most): "
+          + ", ".join(f"{k} {v}" for k, v in est.items()) + f", total {sum(est.values()):.3f}")
+
+
 def train_sft(model, tok, examples, cfg, epochs, lr, desc, ckpt=None):
     """SFT: maximise log pi(y | x) on [{"question", "response"}], loss on response tokens only."""
     device = next(model.parameters()).device
@@ -910,8 +979,8 @@ def train_sft(model, tok, examples, cfg, epochs, lr, desc, ckpt=None):
     rng = random.Random(cfg.seed)
     per_epoch = math.ceil(len(data) / cfg.batch_size)
     steps = cfg.sft_steps or epochs * per_epoch
+    prepare_training(model, cfg, desc)
     opt, sched = make_optimizer(model, lr, steps)
-    model.train()
     st = {"log": [], "truncated": 0, "train_tokens": 0}
     start, step, t0, tok_now = load_train_state(ckpt, model, opt, sched, st), 0, time.time(), 0
     bar = tqdm(total=steps, initial=start, desc=desc, leave=False)
@@ -979,8 +1048,8 @@ def train_dpo(model, tok, pairs, cfg, desc, ckpt=None):
     rng = random.Random(cfg.seed)
     steps = cfg.dpo_epochs * math.ceil(len(enc) / cfg.batch_size)
     # beta2 = 0.999: a fine-tuning run this short is hurt by Adam's noisy early second-moment estimates
+    prepare_training(model, cfg, desc)
     opt, sched = make_optimizer(model, cfg.dpo_lr, steps, betas=(0.9, 0.999))
-    model.train()
     st = {"log": [], "train_tokens": 0}
     start, step, t0, seen = load_train_state(ckpt, model, opt, sched, st), 0, time.time(), 0
     bar = tqdm(total=steps, initial=start, desc=desc, leave=False)

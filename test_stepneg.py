@@ -674,3 +674,40 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
         sn.train_sft(model, tok, data, cfg, 1, 1e-3, "sft-test", ckpt)
     state = torch.load(ckpt, weights_only=False)
     assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_lora_starts_as_the_base_trains_only_adapters_and_saves_merged(tmp_path):
+    cfg = sn.Config(d_model=32, n_layers=1, n_heads=2, batch_size=4, dpo_epochs=4, dpo_lr=1e-2, log_every=100,
+                    lora_rank=4, grad_ckpt=True)
+    model, tok = sn.load_model(cfg, "tiny")
+    ids = torch.tensor([[1, 40, 41, 42, 43]])
+    before = model(input_ids=ids).logits
+    frozen = {k: v.clone() for k, v in model.state_dict().items()}
+    pairs = [{"prompt": "Question: 2+2?\nAnswer:\n", "chosen": "2 + 2 = 4\nThe answer is 4", "rejected": "2 + 2 = 5\n",
+              "rejected_complete": False}] * 4
+    log = sn.train_dpo(model, tok, pairs, cfg, "lora-test")["log"]
+    assert log[-1]["loss"] < math.log(2)
+    lora = {name: m for name, m in model.named_modules() if isinstance(m, sn.LoRALinear)}
+    assert len(lora) == 7  # q, k, v, o, gate, up, down of the one layer
+    assert all(torch.equal(m.base.weight, frozen[name + ".weight"]) for name, m in lora.items())  # base untouched
+    model.eval()
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+    assert not torch.allclose(adapted, before)
+    sn.save_model(model, tok, str(tmp_path / "merged"))
+    merged, _ = sn.load_model(sn.Config(), str(tmp_path / "merged"))
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids).logits, adapted, atol=1e-4)
+    assert not any(isinstance(m, sn.LoRALinear) for m in merged.modules())
+
+
+def test_memory_estimate_of_a_7b_shaped_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    with torch.device("meta"):  # shapes only, no memory
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                             num_attention_heads=32, vocab_size=32000)).to(torch.bfloat16)
+    full, ckpt = sn.memory_estimate(model, 8, 512, False), sn.memory_estimate(model, 8, 512, True)
+    assert abs(full["weights"] - 6.738e9 * 2 / 2 ** 30) < 0.05 and abs(full["optimizer"] - 2 * full["gradients"]) < 0.01
+    assert ckpt["activations"] < full["activations"] / 10
+    sn.add_lora(model, 8)
+    assert sn.memory_estimate(model, 8, 512, True)["gradients"] < 0.05  # adapters only: ~20M parameters
