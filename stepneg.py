@@ -98,13 +98,6 @@ RESULT_KEYS = [f.name for f in dataclasses.fields(Config) if f.name not in ("mod
 PROMPT = "Question: {question}\nAnswer:\n"
 
 
-# --mode scaling on the embedded task: SFT on 125, 250, 500, 1000 problems, every SFT/RFT the same 512 optimizer steps
-# (the tiny model from scratch needs that many; with a fixed epoch count the small sizes never train, the large ones
-# cost hours), and 8 samples per problem with up to 4 negatives, so 125 problems still give pairs. Any of these given
-# on the command line wins.
-SCALING_DEFAULTS = {"n_train": 125, "sft_steps": 512, "k_samples": 8, "max_negatives": 4}
-
-
 def parse_config(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for f in dataclasses.fields(Config):
@@ -113,9 +106,6 @@ def parse_config(argv=None):
         else:
             ap.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
     cfg = Config(**vars(ap.parse_args(argv)))
-    if cfg.mode == "scaling":  # its own defaults for the flags not given: 8n problems at n = 1000 would take hours
-        given = {a.split("=")[0][2:] for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--")}
-        cfg = dataclasses.replace(cfg, **{k: v for k, v in SCALING_DEFAULTS.items() if k not in given})
     modes = ("make_data", "sft", "rft", "dpo", "per_step", "eval", "all", "scaling", "bench_rollouts")
     for name, value, allowed in [("mode", cfg.mode, modes), ("credit", cfg.credit, ("first_pit", "min_advantage")),
                                  ("pair_form", cfg.pair_form, ("step", "full"))]:

@@ -539,7 +539,7 @@ def test_first_wrong_step_is_the_toy_truth():
 def scaling_args(n, out):
     cfg = sn.parse_config(MINI + ["--mode", "scaling", "--n_train", str(n), "--doublings", "2", "--seeds", "2",
                                   "--out", out, "--n_test", "2", "--max_new_tokens", "8", "--sft_steps", "2"])
-    assert (cfg.n_train, cfg.sft_steps) == (n, 2) and sn.parse_config(["--mode", "scaling"]).sft_steps == 512
+
     return cfg, sn.load_problems(cfg.train, n * 4), sn.load_problems(cfg.test, 2)
 
 
