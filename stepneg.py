@@ -66,6 +66,7 @@ class Config:
     sft_steps: int = 0           # > 0: every SFT and RFT run takes exactly this many optimizer steps, whatever its size
     lr: float = 3e-3             # tiny model from scratch; use ~1e-5 for a pretrained 7B
     batch_size: int = 32
+    micro_batch: int = 0         # > 0: run each batch in pieces this big, accumulating gradients (same update)
     # sampling from pi_sft (RFT positives, negatives, rollouts)
     k_samples: int = 4           # samples per training problem
     temperature: float = 0.7     # paper: 0.7-1.0; 0.7 gave fewer noise negatives here
@@ -880,9 +881,10 @@ def _equations(text):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def sft_loss(token_logps, mask):
-    """-mean log pi(y_t | x, y_<t) over response tokens. token_logps, mask: (B, T)."""
-    return -(token_logps * mask).sum() / mask.sum().clamp(min=1)
+def sft_loss(token_logps, mask, n_tokens=None):
+    """-mean log pi(y_t | x, y_<t) over response tokens. token_logps, mask: (B, T). With micro-batches, n_tokens
+    is the whole batch's count, so the micro-batch losses add up to the batch's loss."""
+    return -(token_logps * mask).sum() / (mask.sum() if n_tokens is None else n_tokens).clamp(min=1)
 
 
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
@@ -969,6 +971,7 @@ def train_sft(model, tok, examples, cfg, epochs, lr, desc, ckpt=None):
     rng = random.Random(cfg.seed)
     per_epoch = math.ceil(len(data) / cfg.batch_size)
     steps = cfg.sft_steps or epochs * per_epoch
+    mb = cfg.micro_batch or cfg.batch_size
     prepare_training(model, cfg, desc)
     opt, sched = make_optimizer(model, lr, steps)
     st = {"log": [], "truncated": 0, "train_tokens": 0}
@@ -981,20 +984,24 @@ def train_sft(model, tok, examples, cfg, epochs, lr, desc, ckpt=None):
             step += 1
             if step <= start or step > steps:
                 continue
-            ids, att, mask, tr = batch_tensors(tok, [data[i] for i in order[b:b + cfg.batch_size]], cfg.max_len, device)
-            st["truncated"] += tr
-            logits = model(input_ids=ids, attention_mask=att).logits[:, :-1].float()          # (B, T-1, V)
-            token_logps = -F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # (B, T-1)
-            loss = sft_loss(token_logps, mask[:, 1:])
-            check_finite(loss, desc)
-            loss.backward()
+            batch, loss = [data[i] for i in order[b:b + cfg.batch_size]], 0.0
+            pieces = [batch_tensors(tok, batch[m:m + mb], cfg.max_len, device) for m in range(0, len(batch), mb)]
+            n_tokens = sum(mask[:, 1:].sum() for _, _, mask, _ in pieces)
+            for ids, att, mask, tr in pieces:
+                logits = model(input_ids=ids, attention_mask=att).logits[:, :-1].float()          # (B, T-1, V)
+                token_logps = -F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # (B, T-1)
+                piece = sft_loss(token_logps, mask[:, 1:], n_tokens)
+                check_finite(piece, desc)
+                piece.backward()
+                loss += piece.item()
+                st["truncated"] += tr
+                st["train_tokens"] += int(att.sum())
+                tok_now += int(att.sum())
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
-            st["train_tokens"] += int(att.sum())
-            tok_now += int(att.sum())
             bar.update(1)
             if step % cfg.log_every == 0 or step == steps:
-                row = {"step": step, "epoch": epoch, "loss": round(loss.item(), 4),
+                row = {"step": step, "epoch": epoch, "loss": round(loss, 4),
                        "tokens_per_s": round(tok_now / (time.time() - t0))}
                 st["log"].append(row)
                 bar.set_postfix(loss=row["loss"])
@@ -1037,6 +1044,7 @@ def train_dpo(model, tok, pairs, cfg, desc, ckpt=None):
     ref_c, ref_r = torch.cat(ref_c), torch.cat(ref_r)                                   # (N,), (N,)
     rng = random.Random(cfg.seed)
     steps = cfg.dpo_epochs * math.ceil(len(enc) / cfg.batch_size)
+    mb = cfg.micro_batch or cfg.batch_size
     # beta2 = 0.999: a fine-tuning run this short is hurt by Adam's noisy early second-moment estimates
     prepare_training(model, cfg, desc)
     opt, sched = make_optimizer(model, cfg.dpo_lr, steps, betas=(0.9, 0.999))
@@ -1050,18 +1058,23 @@ def train_dpo(model, tok, pairs, cfg, desc, ckpt=None):
             step += 1
             if step <= start:
                 continue
-            idx = order[b:b + cfg.batch_size]
-            pc, pr = dpo_logps(model, tok, [enc[i] for i in idx], cfg, device)
-            loss, cr, rr = dpo_loss(pc, pr, ref_c[idx], ref_r[idx], cfg.beta)
-            check_finite(loss, desc)
-            loss.backward()
+            idx, loss, cr, rr = order[b:b + cfg.batch_size], 0.0, [], []
+            for m in range(0, len(idx), mb):  # micro-batches: each piece's mean loss weighted by its share
+                part = idx[m:m + mb]
+                pc, pr = dpo_logps(model, tok, [enc[i] for i in part], cfg, device)
+                piece, c, r = dpo_loss(pc, pr, ref_c[part], ref_r[part], cfg.beta)
+                piece = piece * len(part) / len(idx)
+                check_finite(piece, desc)
+                piece.backward()
+                loss, cr, rr = loss + piece.item(), cr + [c], rr + [r]
+            cr, rr = torch.cat(cr), torch.cat(rr)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
             seen += len(idx)
             st["train_tokens"] += sum(len(a) + len(b) for i in idx for a, b in enc[i])
             bar.update(1)
             if step % cfg.log_every == 0 or step == steps:
-                row = {"step": step, "loss": round(loss.item(), 4), "chosen_reward": round(cr.mean().item(), 4),
+                row = {"step": step, "loss": round(loss, 4), "chosen_reward": round(cr.mean().item(), 4),
                        "rejected_reward": round(rr.mean().item(), 4),
                        "pair_acc": round((cr > rr).float().mean().item(), 3),
                        "pairs_per_s": round(seen / (time.time() - t0), 1)}

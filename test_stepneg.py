@@ -665,9 +665,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     data = [{"question": f"{i} + 1?", "response": f"{i} + 1 = {i + 1}\nThe answer is {i + 1}"} for i in range(8)]
     calls, real = {"n": 0}, sn.sft_loss
 
-    def nan_at_third(token_logps, mask):
+    def nan_at_third(*args):
         calls["n"] += 1
-        return real(token_logps, mask) * (float("nan") if calls["n"] == 3 else 1.0)
+        return real(*args) * (float("nan") if calls["n"] == 3 else 1.0)
     monkeypatch.setattr(sn, "sft_loss", nan_at_third)
     ckpt = str(tmp_path / "train_state.pt")
     with pytest.raises(FloatingPointError, match="sft-test: the loss became nan"):
@@ -711,3 +711,21 @@ def test_memory_estimate_of_a_7b_shaped_model():
     assert ckpt["activations"] < full["activations"] / 10
     sn.add_lora(model, 8)
     assert sn.memory_estimate(model, 8, 512, True)["gradients"] < 0.05  # adapters only: ~20M parameters
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_micro_batches_make_the_same_update_as_the_whole_batch(stage):
+    weights = []
+    for micro in (0, 3):
+        cfg = sn.Config(d_model=32, n_layers=1, n_heads=2, batch_size=8, micro_batch=micro, sft_steps=2,
+                        dpo_epochs=1, dpo_lr=1e-3, log_every=100)
+        model, tok = sn.load_model(cfg, "tiny")
+        if stage == "sft":
+            data = [{"question": f"{i} + {i}?", "response": f"{i} + {i} = {2 * i}\nThe answer is {2 * i}"} for i in range(8)]
+            sn.train_sft(model, tok, data, cfg, 1, 1e-3, "sft-micro")
+        else:
+            pairs = [{"prompt": f"Question: {i}?\nAnswer:\n", "chosen": f"{i} = {i}\nThe answer is {i}",
+                      "rejected": f"{i} = {i + 1}" * (1 + i % 3) + "\n", "rejected_complete": False} for i in range(8)]
+            sn.train_dpo(model, tok, pairs, cfg, "dpo-micro")
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.allclose(weights[0], weights[1], atol=1e-5)
