@@ -12,6 +12,7 @@ LLM Math Reasoning by Eight-Fold" (NeurIPS 2024, arXiv 2406.14532). The pipeline
     python stepneg.py --mode per_step          # the whole job on the embedded CPU default (no downloads)
     python stepneg.py --mode all               # SFT, RFT, outcome DPO and per-step DPO side by side
     python stepneg.py --mode per_step --model Qwen/Qwen2.5-1.5B --train gsm8k_train.jsonl --test gsm8k_test.jsonl
+    python stepneg.py --mode synth --teacher Qwen/Qwen2.5-7B-Instruct --train problems.jsonl   # write D_syn
     python stepneg.py --mode scaling           # the paper's headline: SFT on n..8n vs each method on n, multipliers
     python stepneg.py --mode bench_rollouts    # after a per_step run: the rollout stage's speed and first-pit saving
 
@@ -46,12 +47,13 @@ from tqdm import tqdm
 
 @dataclasses.dataclass
 class Config:
-    mode: str = "per_step"       # make_data | sft | rft | dpo | per_step | eval | all | scaling | bench_rollouts
+    mode: str = "per_step"       # make_data | synth | sft | rft | dpo | per_step | eval | all | scaling | bench_rollouts
     out: str = "out"             # every stage writes under here; a finished stage is reused on restart
     train: str = "data/train.jsonl"
     test: str = "data/test.jsonl"
     model: str = "tiny"          # "tiny" = build from a LlamaConfig offline; else a hub name or local folder
     init: str = ""               # an existing SFT checkpoint to use as pi_sft (skips the SFT stage)
+    teacher: str = ""            # --mode synth: the more capable model that writes D_syn (a hub name or a folder)
     device: str = "auto"         # auto | cpu | cuda
     seed: int = 0
     n_train: int = 1000          # training problems used by every stage (D_syn size n); 0 = all
@@ -107,7 +109,7 @@ def parse_config(argv=None):
         else:
             ap.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
     cfg = Config(**vars(ap.parse_args(argv)))
-    modes = ("make_data", "sft", "rft", "dpo", "per_step", "eval", "all", "scaling", "bench_rollouts")
+    modes = ("make_data", "synth", "sft", "rft", "dpo", "per_step", "eval", "all", "scaling", "bench_rollouts")
     for name, value, allowed in [("mode", cfg.mode, modes), ("credit", cfg.credit, ("first_pit", "min_advantage")),
                                  ("pair_form", cfg.pair_form, ("step", "full"))]:
         if value not in allowed:
@@ -1154,6 +1156,27 @@ def finish_stage(cfg, name, result):
     return result
 
 
+def run_synth(cfg, train):
+    """--mode synth: the paper's first stage. k samples per training problem from --teacher; the first whose final
+    answer checks correct becomes that problem's D_syn solution. Writes synth/train.jsonl in the plain format
+    ({"question", "answer", "response"}), ready for --train; problems the teacher never solved are left out."""
+    if not cfg.teacher:
+        raise SystemExit("error: --mode synth needs --teacher NAME_OR_PATH (a more capable model than the learner)")
+    model, tok = load_model(cfg, cfg.teacher)
+    rows = [(f"{i}/{j}", PROMPT.format(question=p["question"])) for i, p in enumerate(train) for j in range(cfg.k_samples)]
+    texts, st = cached_generate(model, tok, rows, cfg, f"{cfg.out}/synth/generations.jsonl", cfg.seed,
+                                "sampling from the teacher")
+    kept = []
+    for i, p in enumerate(train):
+        right = [t for t in (texts[f"{i}/{j}"] for j in range(cfg.k_samples)) if reward(t, p["gold"])]
+        if right:
+            kept.append({"question": p["question"], "answer": p["gold"], "response": right[0]})
+    write_jsonl(f"{cfg.out}/synth/train.jsonl", kept)
+    print(f"D_syn: {len(kept)} of {len(train)} problems solved by {cfg.teacher} in {cfg.k_samples} samples "
+          f"({st['tokens']} tokens) -> {cfg.out}/synth/train.jsonl (use it as --train)")
+    return kept
+
+
 def run_sft(cfg, train):
     """pi_sft: the initial model fine-tuned on D_syn, or --init when given."""
     if cfg.init:
@@ -1554,6 +1577,9 @@ def main(argv=None):
         return
     if cfg.mode == "scaling":
         run_scaling(cfg, train, test)
+        return
+    if cfg.mode == "synth":
+        run_synth(cfg, train)
         return
     run_pipeline(cfg, train, test, {"rft": ["rft"], "dpo": ["dpo"], "per_step": ["per_step"],
                                     "all": ["rft", "dpo", "per_step"]}.get(cfg.mode, []))

@@ -729,3 +729,27 @@ def test_micro_batches_make_the_same_update_as_the_whole_batch(stage):
             sn.train_dpo(model, tok, pairs, cfg, "dpo-micro")
         weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert torch.allclose(weights[0], weights[1], atol=1e-5)
+
+
+def test_synth_mode_writes_d_syn_from_the_teachers_correct_samples(tmp_path, monkeypatch):
+    problems = sn.load_problems(os.path.join(HERE, "data/train.jsonl"), 12)
+    gold = {p["question"]: p["gold"] for p in problems}
+
+    def teacher(model, tok, prompts, temperature, max_new, seed):  # solves every other problem, on its 2nd sample
+        texts = []
+        for k, p in enumerate(prompts):
+            q = p.split("Question: ")[1].split("\nAnswer:")[0]
+            solved = list(gold).index(q) % 2 == 0 and k % 2 == 1
+            texts.append(f"3 + 4 = 7\nThe answer is {gold[q] if solved else 'none'}")
+        return texts, [1] * len(texts)
+    monkeypatch.setattr(sn, "generate", teacher)
+    cfg = sn.Config(d_model=32, n_layers=1, n_heads=2)
+    model, tok = sn.load_model(cfg, "tiny")
+    sn.save_model(model, tok, str(tmp_path / "teacher"))
+    out = str(tmp_path / "run")
+    sn.main(MINI + ["--mode", "synth", "--teacher", str(tmp_path / "teacher"), "--out", out])
+    d_syn = sn.load_problems(f"{out}/synth/train.jsonl")
+    assert [p["question"] for p in d_syn] == [p["question"] for p in problems[::2]]
+    assert all(sn.reward(p["response"], p["gold"]) for p in d_syn)
+    with pytest.raises(SystemExit, match="--teacher"):
+        sn.main(MINI + ["--mode", "synth", "--out", out + "2"])
