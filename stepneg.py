@@ -1401,7 +1401,7 @@ def credit_report(cfg, train):
     return {"pairs": len(pairs), "pit_is_first_wrong_step": round(sum(c == p["pit"] for c, p in zip(truth, pairs)) / n, 3),
             "pit_after_first_wrong_step": round(sum(c is not None and c < p["pit"] for c, p in zip(truth, pairs)) / n, 3),
             "pit_on_a_right_step": round(sum(c is None or c > p["pit"] for c, p in zip(truth, pairs)) / n, 3),
-            "pit_histogram": {str(c): [p["pit"] for p in pairs].count(c) for c in sorted({p["pit"] for p in pairs})},
+            "pit_histogram": (stage_done(cfg, "per_step") or {}).get("pit_histogram", {}),
             "first_wrong_histogram": {str(c): truth.count(c) for c in sorted(set(truth), key=str)},
             "reestimate_agrees": round(sum(dead) / n, 3),
             "correct_samples_with_wrong_step": round(sum(is_spurious(*c) for c in correct) / max(1, len(correct)), 3),
