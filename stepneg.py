@@ -266,7 +266,7 @@ def extract_answer(text):
     if not isinstance(text, str):
         return None
     found = []  # (position, answer)
-    for m in re.finditer(r"[Tt]he (?:final )?answer is[:\s]*([^\n]*)", text):
+    for m in re.finditer(r"[Tt]he (?:final )?answer is[:\s]*([^\n]*?)(?=[Tt]he (?:final )?answer is|\n|$)", text):
         found.append((m.start(), m.group(1)))
     for m in re.finditer(r"####\s*([^\n]*)", text):
         found.append((m.start(), m.group(1)))

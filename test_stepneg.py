@@ -136,6 +136,11 @@ def test_extract_answer(text, expected):
     assert sn.extract_answer(text) == expected
 
 
+def test_the_last_answer_marker_wins_even_on_one_line():
+    assert sn.extract_answer("The answer is 9" * 3) == "9"
+    assert sn.extract_answer("The answer is 8. No wait, the answer is 9") == "9"
+
+
 @pytest.mark.parametrize("pred,gold,expected", EQUIV_TABLE)
 def test_is_equiv(pred, gold, expected):
     assert sn.is_equiv(pred, gold) is expected
