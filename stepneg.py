@@ -14,7 +14,8 @@ LLM Math Reasoning by Eight-Fold" (NeurIPS 2024, arXiv 2406.14532). The pipeline
     python stepneg.py --mode per_step --model Qwen/Qwen2.5-1.5B --train gsm8k_train.jsonl --test gsm8k_test.jsonl
     python stepneg.py --mode synth --teacher Qwen/Qwen2.5-7B-Instruct --train problems.jsonl   # write D_syn
     python stepneg.py --mode scaling           # the paper's headline: SFT on n..8n vs each method on n, multipliers
-    python stepneg.py --mode bench_rollouts    # after a per_step run: the rollout stage's speed and first-pit saving
+    python stepneg.py --mode bench_rollouts    # after a per_step run: first-pit saving, our sampler vs generate
+    python stepneg.py --mode bench_dpo         # after a per_step run: our DPO step vs a resident reference and TRL
 
 Sections: config, data, answer checking, model and tokenizer, sampling, steps and rollouts, losses, training
 loops, evaluation, stages, the scaling measurement, benchmark, main.
@@ -39,6 +40,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
+from transformers.cache_utils import DynamicLayer
 
 # ---------------------------------------------------------------------------------------------------------------
 # Config: every default in one place, every field a command-line flag (--name value).
@@ -47,7 +49,7 @@ from tqdm import tqdm
 
 @dataclasses.dataclass
 class Config:
-    mode: str = "per_step"       # make_data | synth | sft | rft | dpo | per_step | eval | all | scaling | bench_rollouts
+    mode: str = "per_step"       # make_data | synth | sft | rft | dpo | per_step | eval | all | scaling | bench_*
     out: str = "out"             # every stage writes under here; a finished stage is reused on restart
     train: str = "data/train.jsonl"
     test: str = "data/test.jsonl"
@@ -87,6 +89,7 @@ class Config:
     beta: float = 0.1
     lora_rank: int = 0           # > 0: train low-rank adapters (Hu et al. 2021) instead of every weight; saved merged
     grad_ckpt: bool = False      # recompute activations in the backward pass: less memory, about 30% more time
+    branch: bool = True          # DPO: read a pair's shared prompt once, run chosen and rejected from its KV cache
     dpo_lr: float = 5e-5
     dpo_epochs: int = 2
     log_every: int = 20          # training steps between log lines
@@ -109,7 +112,7 @@ def parse_config(argv=None):
         else:
             ap.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
     cfg = Config(**vars(ap.parse_args(argv)))
-    modes = ("make_data", "synth", "sft", "rft", "dpo", "per_step", "eval", "all", "scaling", "bench_rollouts")
+    modes = ("make_data", "synth", "sft", "rft", "dpo", "per_step", "eval", "all", "scaling", "bench_rollouts", "bench_dpo")
     for name, value, allowed in [("mode", cfg.mode, modes), ("credit", cfg.credit, ("first_pit", "min_advantage")),
                                  ("pair_form", cfg.pair_form, ("step", "full"))]:
         if value not in allowed:
@@ -631,36 +634,147 @@ def sequence_logps(model, ids, att, mask):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Sampling: batched, left-padded, KV-cached generation (transformers' generate), seeded per batch.
+# Sampling: our own batched, left-padded, KV-cached decode loop, seeded per batch.
 # ---------------------------------------------------------------------------------------------------------------
+
+# A finished line holding one of these ends a solution: the final answer is written, what follows is not read
+# (extract_answer would take a later marker; learners fine-tuned on D_syn stop after their answer line anyway).
+ANSWER_LINE = re.compile(r"The answer is|####|\\boxed\{")
 
 
 @torch.no_grad()
 def generate(model, tok, prompts, temperature, max_new_tokens, seed):
-    """One batch of rows -> (completions, tokens generated per row). temperature 0 = greedy.
-    ["Question: ...\\nAnswer:\\n", ...] -> ["7 + 5 = 12\\n...The answer is 9", ...]"""
+    """One batch of rows -> (completions, tokens generated per row, prompt tokens read). temperature 0 = greedy.
+    ["Question: ...\\nAnswer:\\n", ...] -> ["7 + 5 = 12\\n...The answer is 9", ...]
+    Not transformers' generate: here a row that is done (EOS, or a finished answer line) leaves the batch and the KV
+    cache, so a batch's tail costs only its live rows. The random draws are generate's (seeded the same way, one
+    multinomial over all B rows per step), so the two write the same text for the same seed (tested)."""
     model.eval()
-    tok.padding_side = "left"
-    enc = [tok(p, add_special_tokens=True)["input_ids"] for p in prompts]
-    T = max(len(e) for e in enc)
-    device = next(model.parameters()).device
-    ids = torch.tensor([[tok.pad_token_id] * (T - len(e)) + e for e in enc], device=device)        # (B, T)
-    att = torch.tensor([[0] * (T - len(e)) + [1] * len(e) for e in enc], device=device)            # (B, T)
+    distinct = {p: u for u, p in enumerate(dict.fromkeys(prompts))}  # k samples, M rollouts: the same prompt k times
+    enc = [tok(p, add_special_tokens=True)["input_ids"] for p in distinct]
+    B, T = len(prompts), max(len(e) for e in enc)
+    device, pad, eos, newline = next(model.parameters()).device, tok.pad_token_id, tok.eos_token_id, newline_ids(tok)
+    ids = torch.tensor([[pad] * (T - len(e)) + e for e in enc], device=device)                     # (U, T)
+    att = torch.tensor([[0] * (T - len(e)) + [1] * len(e) for e in enc], device=device)            # (U, T)
     torch.manual_seed(seed)
-    kw = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else \
-        dict(do_sample=False)
-    out = model.generate(input_ids=ids, attention_mask=att, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
-                         eos_token_id=tok.eos_token_id, **kw)[:, T:]                                # (B, new)
-    texts, n_tokens = [], []
-    for row in out.tolist():
-        if tok.eos_token_id in row:
-            row = row[:row.index(tok.eos_token_id) + 1]
-        n_tokens.append(len(row))
-        texts.append(tok.decode(row, skip_special_tokens=True))
-    return texts, n_tokens
+    out = model(input_ids=ids, attention_mask=att, position_ids=(att.cumsum(-1) - 1).masked_fill(att == 0, 1),
+                use_cache=True, logits_to_keep=1)
+    # each distinct prompt is read once; its KV cache is then copied out to every row that samples from it
+    index = torch.tensor([distinct[p] for p in prompts], device=device)
+    out.past_key_values.batch_select_indices(index)
+    cache, att = roomy(out.past_key_values, max_new_tokens), att[index]                           # (B, T)
+    logits = out.logits[index, -1].float()                                                          # (B, V)
+    live = list(range(B))                 # the batch row of each row still in the cache
+    new, answered = [[] for _ in range(B)], set()
+    for t in range(max_new_tokens):
+        if temperature > 0:  # a draw over all B rows: each row's random numbers do not depend on who has finished
+            probs = torch.zeros(B, logits.shape[-1], device=device)                                # (B, V)
+            probs[:, pad] = 1.0
+            probs[live] = torch.softmax(logits / temperature, dim=-1)
+            nxt = torch.multinomial(probs, 1).squeeze(1)[live]                                     # (b,)
+        else:
+            nxt = logits.argmax(-1)                                                                # (b,)
+        keep = []
+        for j, token in enumerate(nxt.tolist()):
+            row = new[live[j]]
+            row.append(token)
+            if token in newline and ANSWER_LINE.search(tok.decode(row).rsplit("\n", 1)[0]):
+                answered.add(live[j])
+            elif token != eos:
+                keep.append(j)
+        if not keep or t == max_new_tokens - 1:
+            break
+        if len(keep) < len(live):
+            index = torch.tensor(keep, device=device)
+            cache.batch_select_indices(index)
+            live, att, nxt = [live[j] for j in keep], att[index], nxt[index]
+        position = att.sum(-1, keepdim=True)                                                        # (b, 1)
+        att = torch.cat([att, torch.ones_like(att[:, :1])], dim=1)                                  # (b, T + t + 1)
+        out = model(input_ids=nxt[:, None], attention_mask=att, position_ids=position, past_key_values=cache,
+                    use_cache=True, logits_to_keep=1)
+        cache, logits = out.past_key_values, out.logits[:, -1].float()                             # (b, V)
+    texts = [tok.decode(row, skip_special_tokens=True) for row in new]
+    texts = [t.rsplit("\n", 1)[0] if i in answered else t for i, t in enumerate(texts)]
+    return texts, [len(r) for r in new], sum(len(e) for e in enc)
 
 
-CACHE_VERSION = 1  # bump when a change to the code changes what generation produces for the same inputs
+class RoomyLayer(DynamicLayer):
+    """A KV-cache layer with room reserved for the tokens still to come: a decode step writes its keys and values in
+    place. (transformers' DynamicLayer appends with torch.cat, copying the whole cache every step: a third of all
+    decode time on the CPU default.) keys/values are views of the first n positions of the buffers."""
+
+    @classmethod
+    def reserve(cls, layer, extra):
+        new = cls()
+        B, H, T, D = layer.keys.shape
+        new.buffers = [torch.empty(B, H, T + extra, D, dtype=x.dtype, device=x.device) for x in (layer.keys, layer.values)]
+        new.buffers[0][:, :, :T], new.buffers[1][:, :, :T] = layer.keys, layer.values
+        new.dtype, new.device, new.is_initialized, new.n = layer.keys.dtype, layer.keys.device, True, T
+        new.keys, new.values = new.buffers[0][:, :, :T], new.buffers[1][:, :, :T]
+        return new
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        t = key_states.shape[-2]
+        self.buffers[0][:, :, self.n:self.n + t], self.buffers[1][:, :, self.n:self.n + t] = key_states, value_states
+        self.n += t
+        self.keys, self.values = self.buffers[0][:, :, :self.n], self.buffers[1][:, :, :self.n]
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices):
+        self.buffers = [b[indices] for b in self.buffers]
+        self.keys, self.values = self.buffers[0][:, :, :self.n], self.buffers[1][:, :, :self.n]
+
+
+def roomy(cache, extra):
+    """The prefill's cache with room for `extra` more tokens per layer, when every layer is a plain DynamicLayer
+    (sliding-window or hybrid models keep theirs)."""
+    if all(type(layer) is DynamicLayer and layer.is_initialized for layer in getattr(cache, "layers", [None])):
+        cache.layers = [RoomyLayer.reserve(layer, extra) for layer in cache.layers]
+    return cache
+
+
+_NEWLINE_IDS = {}
+
+
+def newline_ids(tok):
+    """The ids of every token whose text holds a newline (where an answer line can finish), worked out once."""
+    if id(tok) not in _NEWLINE_IDS:  # (the tokenizer is kept with its ids, so its id() cannot be reused)
+        texts = tok.batch_decode([[i] for i in range(len(tok))])
+        _NEWLINE_IDS[id(tok)] = (tok, frozenset(i for i, t in enumerate(texts) if "\n" in t))
+    return _NEWLINE_IDS[id(tok)][1]
+
+
+@lru_cache(maxsize=None)
+def matmul_peak(device, dtype):
+    """FLOP/s of one big square matmul on this device, timed once: the denominator of every MFU printed (a measured
+    peak, not a datasheet one, so a CPU run gets a meaningful figure too)."""
+    n = 4096 if device.type == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for reps in (1, 8):  # the first pass warms up
+        torch.cuda.synchronize() if device.type == "cuda" else None
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        torch.cuda.synchronize() if device.type == "cuda" else None
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+def speed(model, tokens, flops_per_token, seconds):
+    """tokens/s, model-FLOP utilisation (flops_per_token x N x tokens, N = the weights matmuls use), peak memory."""
+    p = next(model.parameters())
+    n = sum(q.numel() for q in model.parameters()) - (0 if model.config.tie_word_embeddings else
+                                                         model.get_input_embeddings().weight.numel())
+    if p.device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2 ** 30
+    else:  # the process's peak resident memory (KiB on Linux)
+        import resource
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    seconds = max(seconds, 1e-9)
+    return {"tokens_per_s": round(tokens / seconds), "peak_gib": round(peak, 2),
+            "mfu": round(flops_per_token * n * tokens / seconds / matmul_peak(p.device, p.dtype), 4)}
+
+
+CACHE_VERSION = 2  # bump when a change to the code changes what generation produces for the same inputs
 
 
 def model_fingerprint(model):
@@ -694,19 +808,24 @@ def cached_generate(model, tok, rows, cfg, path, seed, desc, temperature=None):
             write_jsonl(path, cached)
         done = {r["key"]: r for r in cached}
     batches = [rows[i:i + cfg.gen_batch] for i in range(0, len(rows), cfg.gen_batch)]
-    new_tokens, t0 = 0, time.time()
+    new_tokens, read_tokens, t0 = 0, 0, time.time()
     for b, batch in enumerate(tqdm(batches, desc=desc, leave=False)):
         tags = [tag(p, b) for _, p in batch]
         if all(k in done and done[k].get("tag") == t for (k, _), t in zip(batch, tags)):
             continue
-        texts, n = generate(model, tok, [p for _, p in batch], temperature, cfg.max_new_tokens, seed * 100003 + b)
-        new_tokens += sum(n)
+        texts, n, read = generate(model, tok, [p for _, p in batch], temperature, cfg.max_new_tokens, seed * 100003 + b)
+        new_tokens, read_tokens = new_tokens + sum(n), read_tokens + read
         fresh = [{"key": k, "text": t, "tokens": m, "batch": b, "tag": g}
                  for (k, _), t, m, g in zip(batch, texts, n, tags)]
         write_jsonl(path, fresh, mode="a")
         done.update({r["key"]: r for r in fresh})
     stats = {"tokens": sum(done[k]["tokens"] for k, _ in rows), "new_tokens": new_tokens,
              "seconds": time.time() - t0}
+    if new_tokens and model is not None:  # model FLOPs: 2 N per token, prompts read once each plus the tokens written
+        sp = speed(model, new_tokens, 2 * (read_tokens + new_tokens) / new_tokens, stats["seconds"])
+        tqdm.write(f"  {desc}: {new_tokens} tokens in {stats['seconds']:.1f} s, {sp['tokens_per_s']} tokens/s, "
+                   f"MFU {sp['mfu']:.1%}, peak memory {sp['peak_gib']} GiB")
+        stats.update(sp)
     return {k: done[k]["text"] for k, _ in rows}, stats
 
 
@@ -780,7 +899,7 @@ def step_values(model, tok, problems, negatives, cfg, out_dir):
         if cfg.credit == "first_pit":
             live = [n for n in live if Q[n["nid"]][i - 1] > 0]
     return Q, wins, {"rollouts": spent, "rollout_tokens": tokens, "rollout_s": round(seconds, 1),
-                     "rollout_tokens_per_s": round(new_tokens / seconds) if seconds else None}
+                     "rollout_tokens_per_s": round(new_tokens / seconds) if new_tokens else None}
 
 
 def find_pit(q0, qs, rule):
@@ -954,6 +1073,12 @@ def memory_estimate(model, batch, seq, grad_ckpt):
     return {k: round(v / 2 ** 30, 3) for k, v in gib.items()}
 
 
+def train_flops(cfg):
+    """Model FLOPs per token and weight for a training step: 2 forward + 4 backward, the last 2 of them (weight
+    gradients) skipped for frozen weights under LoRA."""
+    return 4 if cfg.lora_rank else 6
+
+
 def prepare_training(model, cfg, desc):
     """Adapters (--lora_rank) and activation checkpointing (--grad_ckpt), train mode, and the memory this needs."""
     if cfg.lora_rank:
@@ -1004,10 +1129,11 @@ def train_sft(model, tok, examples, cfg, epochs, lr, desc, ckpt=None):
             bar.update(1)
             if step % cfg.log_every == 0 or step == steps:
                 row = {"step": step, "epoch": epoch, "loss": round(loss, 4),
-                       "tokens_per_s": round(tok_now / (time.time() - t0))}
+                       **speed(model, tok_now, train_flops(cfg), time.time() - t0)}
                 st["log"].append(row)
                 bar.set_postfix(loss=row["loss"])
-                tqdm.write(f"  {desc} step {step}/{steps} loss {row['loss']:.4f} {row['tokens_per_s']} tok/s")
+                tqdm.write(f"  {desc} step {step}/{steps} loss {row['loss']:.4f} {row['tokens_per_s']} tok/s "
+                           f"MFU {row['mfu']:.1%} peak memory {row['peak_gib']} GiB")
             if ckpt and step % cfg.ckpt_every == 0 and step < steps:
                 save_train_state(ckpt, model, opt, sched, step, st)
     bar.close()
@@ -1031,16 +1157,44 @@ def dpo_logps(model, tok, enc_pairs, cfg, device):
     return logps[:len(enc_pairs)], logps[len(enc_pairs):]
 
 
+def branched_logps(model, tok, enc_pairs, cfg, device):
+    """dpo_logps for pairs that share a long prompt (per-step pairs: question + solution prefix) and differ in a short
+    step: the prompt is read once and the two continuations run from its KV cache, with gradients flowing through the
+    cache back into the prompt, instead of two full forwards over mostly the same tokens. Same values (tested)."""
+    prompts = [c[0] for c, _ in enc_pairs]
+    responses = [c[1][:max(0, cfg.max_len - len(c[0]))] for c, _ in enc_pairs] + \
+                [r[1][:max(0, cfg.max_len - len(r[0]))] for _, r in enc_pairs]
+    B, Tp, Tr, pad = len(prompts), max(map(len, prompts)), max(1, max(map(len, responses))), tok.pad_token_id
+    p_ids = torch.tensor([[pad] * (Tp - len(p)) + p for p in prompts], device=device)              # (B, Tp)
+    p_att = torch.tensor([[0] * (Tp - len(p)) + [1] * len(p) for p in prompts], device=device)     # (B, Tp)
+    out = model(input_ids=p_ids, attention_mask=p_att, position_ids=(p_att.cumsum(-1) - 1).clamp(min=0),
+                use_cache=True, logits_to_keep=1)
+    both = torch.arange(B, device=device).repeat(2)             # chosen rows, then rejected rows, each on its prompt
+    cache = out.past_key_values
+    cache.batch_select_indices(both)
+    r_ids = torch.tensor([r + [pad] * (Tr - len(r)) for r in responses], device=device)           # (2B, Tr)
+    r_att = torch.tensor([[1] * len(r) + [0] * (Tr - len(r)) for r in responses], device=device)  # (2B, Tr)
+    position = p_att.sum(-1)[both, None] + torch.arange(Tr, device=device)                        # (2B, Tr)
+    logits = model(input_ids=r_ids, attention_mask=torch.cat([p_att[both], r_att], 1), position_ids=position,
+                   past_key_values=cache, use_cache=True).logits                                  # (2B, Tr, V)
+    logits = torch.cat([out.logits[both], logits[:, :-1]], 1).float()  # (2B, Tr, V): what predicts each response token
+    tok_logp = torch.log_softmax(logits, -1).gather(-1, r_ids.unsqueeze(-1)).squeeze(-1)          # (2B, Tr)
+    logps = (tok_logp * r_att).sum(-1)                                                             # (2B,)
+    return logps[:B], logps[B:]
+
+
 def train_dpo(model, tok, pairs, cfg, desc, ckpt=None):
     """DPO against the frozen pi_sft. The reference log-probs are computed once, before training, with the very
     model we start from (pi = pi_ref at step 0), so no second copy of the model stays in memory."""
     device = next(model.parameters()).device
     enc = pair_batches(tok, pairs)
+    # (transformers turns the KV cache off under activation checkpointing, so that takes the two full forwards)
+    pair_logps = branched_logps if cfg.branch and not cfg.grad_ckpt else dpo_logps
     model.eval()
     ref_c, ref_r = [], []
     with torch.no_grad():
         for b in tqdm(range(0, len(enc), cfg.batch_size), desc=f"{desc}: reference log-probs", leave=False):
-            c, r = dpo_logps(model, tok, enc[b:b + cfg.batch_size], cfg, device)
+            c, r = pair_logps(model, tok, enc[b:b + cfg.batch_size], cfg, device)
             ref_c.append(c.float())
             ref_r.append(r.float())
     ref_c, ref_r = torch.cat(ref_c), torch.cat(ref_r)                                   # (N,), (N,)
@@ -1051,7 +1205,7 @@ def train_dpo(model, tok, pairs, cfg, desc, ckpt=None):
     prepare_training(model, cfg, desc)
     opt, sched = make_optimizer(model, cfg.dpo_lr, steps, betas=(0.9, 0.999))
     st = {"log": [], "train_tokens": 0}
-    start, step, t0, seen = load_train_state(ckpt, model, opt, sched, st), 0, time.time(), 0
+    start, step, t0, seen, tok_now = load_train_state(ckpt, model, opt, sched, st), 0, time.time(), 0, 0
     bar = tqdm(total=steps, initial=start, desc=desc, leave=False)
     for epoch in range(cfg.dpo_epochs):
         order = list(range(len(enc)))
@@ -1063,7 +1217,7 @@ def train_dpo(model, tok, pairs, cfg, desc, ckpt=None):
             idx, loss, cr, rr = order[b:b + cfg.batch_size], 0.0, [], []
             for m in range(0, len(idx), mb):  # micro-batches: each piece's mean loss weighted by its share
                 part = idx[m:m + mb]
-                pc, pr = dpo_logps(model, tok, [enc[i] for i in part], cfg, device)
+                pc, pr = pair_logps(model, tok, [enc[i] for i in part], cfg, device)
                 piece, c, r = dpo_loss(pc, pr, ref_c[part], ref_r[part], cfg.beta)
                 piece = piece * len(part) / len(idx)
                 check_finite(piece, desc)
@@ -1073,18 +1227,21 @@ def train_dpo(model, tok, pairs, cfg, desc, ckpt=None):
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
             seen += len(idx)
-            st["train_tokens"] += sum(len(a) + len(b) for i in idx for a, b in enc[i])
+            st["train_tokens"] += sum(len(p) + len(r) for i in idx for p, r in enc[i])
+            shared = 1 if pair_logps is branched_logps else 2  # forwards that read the prompt
+            tok_now += sum(shared * len(c[0]) + len(c[1]) + len(r[1]) for c, r in (enc[i] for i in idx))
             bar.update(1)
             if step % cfg.log_every == 0 or step == steps:
                 row = {"step": step, "loss": round(loss, 4), "chosen_reward": round(cr.mean().item(), 4),
                        "rejected_reward": round(rr.mean().item(), 4),
                        "pair_acc": round((cr > rr).float().mean().item(), 3),
-                       "pairs_per_s": round(seen / (time.time() - t0), 1)}
+                       "pairs_per_s": round(seen / (time.time() - t0), 1),
+                       **speed(model, tok_now, train_flops(cfg), time.time() - t0)}
                 st["log"].append(row)
                 bar.set_postfix(loss=row["loss"])
                 tqdm.write(f"  {desc} step {step}/{steps} loss {row['loss']:.4f} reward chosen {row['chosen_reward']:+.3f}"
                            f" rejected {row['rejected_reward']:+.3f} pair acc {row['pair_acc']:.2f} "
-                           f"{row['pairs_per_s']} pairs/s")
+                           f"{row['pairs_per_s']} pairs/s {row['tokens_per_s']} tok/s MFU {row['mfu']:.1%}")
             if ckpt and step % cfg.ckpt_every == 0 and step < steps:
                 save_train_state(ckpt, model, opt, sched, step, st)
     bar.close()
@@ -1295,8 +1452,9 @@ def summary(cfg, names):
                      f"{samples['wall_s']:.0f} s, counted in every stage that uses them)")
     ps = stage_done(cfg, "per_step")
     if ps and "per_step" in names:
+        tps = ps.get("rollout_tokens_per_s")
         lines.append(f"per-step: {ps['negatives']} negatives, {ps['rollouts']} rollouts, {ps['rollout_tokens']} "
-                     f"rollout tokens ({ps.get('rollout_tokens_per_s')} tokens/s), {ps['pairs_per_1k_rollouts']} pairs "
+                     f"rollout tokens ({f'{tps} tokens/s' if tps else 'all reused'}), {ps['pairs_per_1k_rollouts']} pairs "
                      f"per 1k rollouts, pit positions {ps['pit_histogram']}")
     text = "\n".join(lines)
     write_text(f"{cfg.out}/summary.md", text + "\n")
@@ -1490,10 +1648,27 @@ def scaling_table(rows, credit, sizes, seconds):
     return "\n".join(lines)
 
 
+@torch.no_grad()
+def transformers_generate(model, tok, prompts, temperature, max_new_tokens, seed):
+    """The same batch through transformers' model.generate, for the benchmark and the test that both write the same."""
+    enc = [tok(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    T, pad = max(len(e) for e in enc), tok.pad_token_id
+    device = next(model.parameters()).device
+    ids = torch.tensor([[pad] * (T - len(e)) + e for e in enc], device=device)                     # (B, T)
+    att = torch.tensor([[0] * (T - len(e)) + [1] * len(e) for e in enc], device=device)            # (B, T)
+    torch.manual_seed(seed)
+    kw = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
+    out = model.generate(input_ids=ids, attention_mask=att, max_new_tokens=max_new_tokens, pad_token_id=pad,
+                         eos_token_id=tok.eos_token_id, **kw)[:, T:]                                # (B, new)
+    rows = [r[:r.index(tok.eos_token_id) + 1] if tok.eos_token_id in r else r for r in out.tolist()]
+    return [tok.decode(r, skip_special_tokens=True) for r in rows], [len(r) for r in rows]
+
+
 def bench_rollouts(cfg, train, n_negatives=256):
     """--mode bench_rollouts, after a per_step run in the same --out: on the first n_negatives negatives of its
-    samples, (1) the rollout stage's tokens/s against one plain model.generate call over the same rows, and
-    (2) the rollouts first-pit early stopping spends against exploring every prefix. Fresh caches, nothing reused."""
+    samples, (1) the rollouts first-pit early stopping spends against exploring every prefix, and (2) stepneg's
+    sampler against transformers' model.generate, side by side over the same batches of those rollout rows, same
+    seeds. Fresh caches, nothing reused."""
     import tempfile
     path = f"{cfg.out}/samples/samples.jsonl"
     if not os.path.exists(path):
@@ -1507,26 +1682,81 @@ def bench_rollouts(cfg, train, n_negatives=256):
             _, _, acct = step_values(model, tok, train, [dict(n) for n in negs], c, tmp)
             runs[credit] = acct
             if credit == "first_pit":
-                prompts = [r["key"] for r in read_jsonl(f"{tmp}/rollouts.jsonl")]
-    # the same rows again, as one plain generate call (rebuilt from the keys "negative/prefix length/rollout")
+                keys = [r["key"] for r in read_jsonl(f"{tmp}/rollouts.jsonl")]
+    # the first-pit rows again (rebuilt from their keys "negative/prefix length/rollout"), through both samplers
     by_nid = {n["nid"]: n for n in negs}
     rows = []
-    for key in prompts:
+    for key in keys:
         nid, i, _ = (int(x) for x in key.split("/"))
         n = by_nid[nid]
-        prefix = "".join(split_steps(n["response"], cfg.step_cap)[:i])
-        rows.append(PROMPT.format(question=train[n["pid"]]["question"]) + prefix)
-    t0 = time.time()
-    _, n_tok = generate(model, tok, rows, cfg.temperature, cfg.max_new_tokens, cfg.seed)
-    plain = sum(n_tok) / (time.time() - t0)
+        rows.append(PROMPT.format(question=train[n["pid"]]["question"]) + "".join(split_steps(n["response"], cfg.step_cap)[:i]))
+    batches = [rows[i:i + cfg.gen_batch] for i in range(0, len(rows), cfg.gen_batch)]
+    timing, texts = {}, {}
+    for name, fn in (("stepneg", generate), ("transformers", transformers_generate)):
+        fn(model, tok, batches[0][:8], cfg.temperature, 8, 0)  # warm-up
+        t0, texts[name], n_tok = time.time(), [], 0
+        for b, batch in enumerate(batches):
+            out = fn(model, tok, batch, cfg.temperature, cfg.max_new_tokens, cfg.seed + b)
+            texts[name], n_tok = texts[name] + out[0], n_tok + sum(out[1])
+        timing[name] = (n_tok, time.time() - t0)
     fp, every = runs["first_pit"], runs["min_advantage"]
-    result = {"negatives": len(negs), "rows": len(rows), "stage_tokens_per_s": fp["rollout_tokens_per_s"],
-              "plain_generate_tokens_per_s": round(plain), "speed_ratio": round(fp["rollout_tokens_per_s"] / plain, 2),
+    result = {"negatives": len(negs), "rows": len(rows),
               "rollouts_first_pit": fp["rollouts"], "rollouts_every_prefix": every["rollouts"],
               "rollout_saving": round(every["rollouts"] / max(1, fp["rollouts"]), 2),
-              "seconds_first_pit": fp["rollout_s"], "seconds_every_prefix": every["rollout_s"]}
+              "seconds_first_pit": fp["rollout_s"], "seconds_every_prefix": every["rollout_s"],
+              **{f"{name}_tokens_per_s": round(n / s) for name, (n, s) in timing.items()},
+              "sampler_speedup": round(timing["transformers"][1] / timing["stepneg"][1], 2),
+              "same_text": round(sum(a == b for a, b in zip(texts["stepneg"], texts["transformers"])) / len(rows), 4)}
     write_jsonl(f"{cfg.out}/metrics.jsonl", [{"stage": "bench_rollouts", **result}], mode="a")
     print("\n".join(f"{k:>28}: {v}" for k, v in result.items()))
+    return result
+
+
+def bench_dpo(cfg, n_pairs=256):
+    """--mode bench_dpo, after a per_step run in the same --out: one epoch of per-step DPO on its first n_pairs pairs
+    from pi_sft, side by side in one process: stepneg's step (reference log-probs precomputed, shared prompts
+    branched), the same with two full forwards, one that keeps the reference model resident and runs it every step,
+    and TRL's DPOTrainer with its own reference precompute (only if trl is installed; never a requirement)."""
+    import copy
+    path = f"{cfg.out}/per_step/pairs.jsonl"
+    if not os.path.exists(path):
+        raise SystemExit(f"{path}: not found; run --mode per_step with the same --out first")
+    pairs = read_jsonl(path)[:n_pairs]
+    sft, tok = load_model(cfg, cfg.init or f"{cfg.out}/sft/model")
+    c = dataclasses.replace(cfg, dpo_epochs=1, log_every=10 ** 9, ckpt_every=10 ** 9)
+    result, device = {"pairs": len(pairs), "batch": cfg.batch_size}, next(sft.parameters()).device
+    for name, branch in (("stepneg", True), ("two_forwards", False)):
+        t0 = time.time()
+        train_dpo(copy.deepcopy(sft), tok, pairs, dataclasses.replace(c, branch=branch), name)
+        result[f"{name}_pairs_per_s"] = round(len(pairs) / (time.time() - t0), 1)
+    model, enc, t0 = copy.deepcopy(sft), pair_batches(tok, pairs), time.time()  # the resident-reference step
+    opt, _ = make_optimizer(model, cfg.dpo_lr, len(enc) // cfg.batch_size + 1, betas=(0.9, 0.999))
+    for b in range(0, len(enc), cfg.batch_size):
+        with torch.no_grad():
+            rc, rr = dpo_logps(sft, tok, enc[b:b + cfg.batch_size], cfg, device)
+        pc, pr = dpo_logps(model, tok, enc[b:b + cfg.batch_size], cfg, device)
+        dpo_loss(pc, pr, rc, rr, cfg.beta)[0].backward()
+        opt.step(), opt.zero_grad(set_to_none=True)
+    result["resident_reference_pairs_per_s"] = round(len(pairs) / (time.time() - t0), 1)
+    try:
+        import datasets
+        import trl
+    except ImportError:
+        print("trl is not installed: its row is left out (pip install trl, in a separate environment)")
+    else:
+        import tempfile
+        with tempfile.TemporaryDirectory() as tmp:
+            args = trl.DPOConfig(output_dir=tmp, per_device_train_batch_size=cfg.batch_size, num_train_epochs=1,
+                                 learning_rate=cfg.dpo_lr, beta=cfg.beta, max_length=cfg.max_len, report_to=[],
+                                 precompute_ref_log_probs=True, save_strategy="no", logging_steps=10 ** 9,
+                                 use_cpu=device.type == "cpu", bf16=device.type == "cuda")
+            data = datasets.Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
+            trainer = trl.DPOTrainer(model=copy.deepcopy(sft), args=args, train_dataset=data, processing_class=tok)
+            t0 = time.time()
+            trainer.train()
+            result[f"trl_{trl.__version__}_pairs_per_s"] = round(len(pairs) / (time.time() - t0), 1)
+    write_jsonl(f"{cfg.out}/metrics.jsonl", [{"stage": "bench_dpo", **result}], mode="a")
+    print("\n".join(f"{k:>34}: {v}" for k, v in result.items()))
     return result
 
 
@@ -1568,8 +1798,8 @@ def main(argv=None):
     except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, not a traceback
         raise SystemExit(f"error: {e}") from None
     check_out_folder(cfg)
-    if cfg.mode == "bench_rollouts":
-        bench_rollouts(cfg, train)
+    if cfg.mode in ("bench_rollouts", "bench_dpo"):
+        bench_rollouts(cfg, train) if cfg.mode == "bench_rollouts" else bench_dpo(cfg)
         return
     if cfg.mode == "eval":
         path = cfg.init or f"{cfg.out}/sft/model"

@@ -307,6 +307,46 @@ def test_split_steps_lines_and_roundtrip():
     assert len(capped) == 12 and "".join(capped) == long
 
 
+def tiny_lm():
+    model, tok = sn.load_model(sn.Config(d_model=32, n_layers=2, n_heads=2), "tiny")
+    return model, tok
+
+
+def test_sampler_writes_what_transformers_generate_writes():
+    """Same rows, same seed: stepneg's decode loop (shared prompts read once, finished rows dropped from the batch)
+    and model.generate write the same text. An EOS bonus on the logits makes rows finish at different steps."""
+    model, tok = tiny_lm()
+    questions = ["Ava has 3 pens.", "Ben has 12 apples. Ben sells 4.", "Cal has 7 cards. Cal doubles them. Ok?"]
+    prompts = [sn.PROMPT.format(question=q) for q in questions for _ in range(4)] + [sn.PROMPT.format(question="x")]
+    bonus = torch.zeros(len(tok))
+    bonus[tok.eos_token_id] = 2.0
+    for temperature, eos_bonus in ((0.0, False), (0.7, True), (1.0, True)):
+        hook = model.lm_head.register_forward_hook(lambda m, i, out: out + bonus) if eos_bonus else None
+        ours, n, read = sn.generate(model, tok, prompts, temperature, 24, 5)
+        theirs, m = sn.transformers_generate(model, tok, prompts, temperature, 24, 5)
+        assert ours == theirs and n == m
+        if eos_bonus:
+            hook.remove()
+            assert min(n) < max(n) == 24 and len(set(n)) > 3  # rows finished at different steps: the batch shrank
+    assert read == sum(len(tok(p)["input_ids"]) for p in set(prompts))  # each distinct prompt read once
+
+
+def test_a_row_stops_after_its_finished_answer_line():
+    model, tok = tiny_lm()
+    forced = tok("7 + 5 = 12\nThe answer is 12\nand on and on", add_special_tokens=False)["input_ids"]
+    calls = {"n": 0}
+
+    def force(module, inputs, out):  # the k-th forward writes forced token k, whatever the model thinks
+        logits = torch.full_like(out, -1e9)
+        logits[..., forced[min(calls["n"], len(forced) - 1)]] = 0.0
+        calls["n"] += 1
+        return logits
+    model.lm_head.register_forward_hook(force)
+    texts, n, _ = sn.generate(model, tok, [sn.PROMPT.format(question="q")] * 2, 0.7, 40, 0)
+    assert texts == ["7 + 5 = 12\nThe answer is 12"] * 2
+    assert n == [len(tok("7 + 5 = 12\nThe answer is 12\n", add_special_tokens=False)["input_ids"])] * 2
+
+
 def test_find_pit_rules():
     assert sn.find_pit(0.5, [1.0, 0.25, 0.0, 0.0], "first_pit") == 3
     assert sn.find_pit(0.5, [1.0, 0.25, 0.0, 0.0], "min_advantage") == 2
@@ -319,7 +359,7 @@ def scripted_generate(prompts, *_):
     """A fake policy with known values: it finishes any prompt correctly unless the prompt holds a step marked
     BAD, after which it always fails. Answers are the toy's: the gold is always 9."""
     texts = ["The answer is 8" if "BAD" in p else "ok\nThe answer is 9" for p in prompts]
-    return texts, [len(t) for t in texts]
+    return texts, [len(t) for t in texts], 0
 
 
 @pytest.mark.parametrize("credit", ["first_pit", "min_advantage"])
@@ -352,7 +392,7 @@ def test_killed_rollouts_resume_to_the_same_pairs(tmp_path, monkeypatch):
         rng = random.Random(seed)
         texts = ["ok\nThe answer is 9" if rng.random() < (0.2 if "BAD" in p else 0.7) else "The answer is 1"
                  for p in prompts]
-        return texts, [1] * len(texts)
+        return texts, [1] * len(texts), 0
     problems = [{"question": f"q{i}", "gold": "9", "response": None} for i in range(6)]
     samples = [{"responses": [f"a{i} ok\nb{i} BAD here\nc{i} step three\nThe answer is 1", "The answer is 9"],
                 "correct": [0, 1]} for i in range(6)]
@@ -392,6 +432,28 @@ def test_dpo_loss_is_log2_at_reference_and_gradient_moves_the_right_way():
     assert abs(loss.item() - math.log(2)) < 1e-6 and cr.abs().sum() == 0 and rr.abs().sum() == 0
     loss.backward()
     assert (pc.grad < 0).all() and (pr.grad > 0).all()  # descent raises log pi(chosen), lowers log pi(rejected)
+
+
+def test_branched_pair_logps_equal_two_full_forwards():
+    """Reading the shared prompt once and branching chosen/rejected from its KV cache gives the same log-probs and
+    the same gradients as two full forwards."""
+    model, tok = tiny_lm()
+    pairs = [{"prompt": sn.PROMPT.format(question="Ava has 3 pens. Ava doubles them.") + "3 * 2 = 6\n",
+              "chosen": "6 + 1 = 7\nThe answer is 7", "rejected": "6 + 1 = 8\n", "rejected_complete": False},
+             {"prompt": sn.PROMPT.format(question="Ben has 12."), "chosen": "The answer is 12",
+              "rejected": "12 - 1 = 10\nThe answer is 10", "rejected_complete": True}]
+    enc = sn.pair_batches(tok, pairs)
+    cfg = sn.Config()
+    grads = []
+    for fn in (sn.dpo_logps, sn.branched_logps):
+        model.zero_grad()
+        c, r = fn(model, tok, enc, cfg, "cpu")
+        (c.sum() - 2 * r.sum()).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        if fn is sn.dpo_logps:
+            full = (c.detach(), r.detach())
+    assert torch.allclose(c, full[0], atol=1e-4) and torch.allclose(r, full[1], atol=1e-4)
+    assert torch.allclose(grads[0], grads[1], atol=1e-4, rtol=1e-3)
 
 
 def test_dpo_training_raises_chosen_over_rejected():
@@ -440,7 +502,7 @@ def test_scripted_policy_run_builds_pairs_and_trains(tmp_path, monkeypatch):
             calls["n"] += 1
             answer = gold[p.split("Question: ")[1].split("\nAnswer:")[0]]
             texts.append(f"1 + 1 = 2\nThe answer is {answer}" if calls["n"] % 3 else "1 + 1 = 3\nThe answer is -1")
-        return texts, [1] * len(texts)
+        return texts, [1] * len(texts), 0
     monkeypatch.setattr(sn, "generate", half_right)
     out = str(tmp_path / "run")
     sn.main(MINI + ["--mode", "all", "--out", out])
@@ -580,7 +642,7 @@ def policy(model, tok, prompts, temperature, max_new, seed):
         ok = rng.random() < (0.1 if "= 3\n" in prefix else 0.6)
         first = "" if prefix else ("1 + 1 = 2\n" if rng.random() < 0.5 else "1 + 1 = 3\n")
         texts.append(first + ("3 + 3 = 6\nThe answer is " + gold[question] if ok else "3 + 3 = 7\nThe answer is -1"))
-    return texts, [len(t) for t in texts]
+    return texts, [len(t) for t in texts], 0
 
 
 adam_step = torch.optim.AdamW.step
@@ -746,7 +808,7 @@ def test_synth_mode_writes_d_syn_from_the_teachers_correct_samples(tmp_path, mon
             q = p.split("Question: ")[1].split("\nAnswer:")[0]
             solved = list(gold).index(q) % 2 == 0 and k % 2 == 1
             texts.append(f"3 + 4 = 7\nThe answer is {gold[q] if solved else 'none'}")
-        return texts, [1] * len(texts)
+        return texts, [1] * len(texts), 0
     monkeypatch.setattr(sn, "generate", teacher)
     cfg = sn.Config(d_model=32, n_layers=1, n_heads=2)
     model, tok = sn.load_model(cfg, "tiny")
