@@ -665,7 +665,7 @@ def generate(model, tok, prompts, temperature, max_new_tokens, seed):
     cache, att = roomy(out.past_key_values, max_new_tokens), att[index]                           # (B, T)
     logits = out.logits[index, -1].float()                                                          # (B, V)
     live = list(range(B))                 # the batch row of each row still in the cache
-    new, answered = [[] for _ in range(B)], set()
+    new, answered, done = [[] for _ in range(B)], set(), set()
     for t in range(max_new_tokens):
         if temperature > 0:  # a draw over all B rows: each row's random numbers do not depend on who has finished
             probs = torch.zeros(B, logits.shape[-1], device=device)                                # (B, V)
@@ -674,17 +674,18 @@ def generate(model, tok, prompts, temperature, max_new_tokens, seed):
             nxt = torch.multinomial(probs, 1).squeeze(1)[live]                                     # (b,)
         else:
             nxt = logits.argmax(-1)                                                                # (b,)
-        keep = []
         for j, token in enumerate(nxt.tolist()):
+            if live[j] in done:
+                continue
             row = new[live[j]]
             row.append(token)
-            if token in newline and ANSWER_LINE.search(tok.decode(row).rsplit("\n", 1)[0]):
-                answered.add(live[j])
-            elif token != eos:
-                keep.append(j)
+            if token == eos or token in newline and ANSWER_LINE.search(tok.decode(row).rsplit("\n", 1)[0]):
+                done.add(live[j])
+                answered.update([live[j]] if token != eos else [])
+        keep = [j for j, row in enumerate(live) if row not in done]
         if not keep or t == max_new_tokens - 1:
             break
-        if len(keep) < len(live):
+        if len(live) - len(keep) >= max(1, len(live) // 8):  # drop finished rows from the cache, a few at a time
             index = torch.tensor(keep, device=device)
             cache.batch_select_indices(index)
             live, att, nxt = [live[j] for j in keep], att[index], nxt[index]
@@ -1228,8 +1229,7 @@ def train_dpo(model, tok, pairs, cfg, desc, ckpt=None):
             opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
             seen += len(idx)
             st["train_tokens"] += sum(len(p) + len(r) for i in idx for p, r in enc[i])
-            shared = 1 if pair_logps is branched_logps else 2  # forwards that read the prompt
-            tok_now += sum(shared * len(c[0]) + len(c[1]) + len(r[1]) for c, r in (enc[i] for i in idx))
+            tok_now += sum(len(c[0]) + len(c[1]) + len(r[1]) for c, r in (enc[i] for i in idx))  # what a pair needs
             bar.update(1)
             if step % cfg.log_every == 0 or step == steps:
                 row = {"step": step, "loss": round(loss, 4), "chosen_reward": round(cr.mean().item(), 4),
@@ -1713,31 +1713,32 @@ def bench_rollouts(cfg, train, n_negatives=256):
 
 
 def bench_dpo(cfg, n_pairs=256):
-    """--mode bench_dpo, after a per_step run in the same --out: one epoch of per-step DPO on its first n_pairs pairs
-    from pi_sft, side by side in one process: stepneg's step (reference log-probs precomputed, shared prompts
-    branched), the same with two full forwards, one that keeps the reference model resident and runs it every step,
-    and TRL's DPOTrainer with its own reference precompute (only if trl is installed; never a requirement)."""
+    """--mode bench_dpo, after a per_step run in the same --out: per-step DPO (--dpo_epochs) on its first n_pairs
+    pairs from pi_sft, side by side in one process, each timed end to end: stepneg (reference log-probs precomputed,
+    shared prompts branched), the same with two full forwards per pair, a loop that keeps the reference model resident
+    and runs it every step, and TRL's DPOTrainer with its own reference precompute (only if trl is installed)."""
     import copy
     path = f"{cfg.out}/per_step/pairs.jsonl"
     if not os.path.exists(path):
         raise SystemExit(f"{path}: not found; run --mode per_step with the same --out first")
     pairs = read_jsonl(path)[:n_pairs]
     sft, tok = load_model(cfg, cfg.init or f"{cfg.out}/sft/model")
-    c = dataclasses.replace(cfg, dpo_epochs=1, log_every=10 ** 9, ckpt_every=10 ** 9)
-    result, device = {"pairs": len(pairs), "batch": cfg.batch_size}, next(sft.parameters()).device
+    c = dataclasses.replace(cfg, log_every=10 ** 9, ckpt_every=10 ** 9)
+    result, device = {"pairs": len(pairs), "epochs": cfg.dpo_epochs, "batch": cfg.batch_size}, next(sft.parameters()).device
     for name, branch in (("stepneg", True), ("two_forwards", False)):
         t0 = time.time()
         train_dpo(copy.deepcopy(sft), tok, pairs, dataclasses.replace(c, branch=branch), name)
-        result[f"{name}_pairs_per_s"] = round(len(pairs) / (time.time() - t0), 1)
+        result[f"{name}_pairs_per_s"] = round(len(pairs) * cfg.dpo_epochs / (time.time() - t0), 1)
     model, enc, t0 = copy.deepcopy(sft), pair_batches(tok, pairs), time.time()  # the resident-reference step
-    opt, _ = make_optimizer(model, cfg.dpo_lr, len(enc) // cfg.batch_size + 1, betas=(0.9, 0.999))
-    for b in range(0, len(enc), cfg.batch_size):
+    opt, sched = make_optimizer(model, cfg.dpo_lr, cfg.dpo_epochs * math.ceil(len(enc) / cfg.batch_size), (0.9, 0.999))
+    for b in [b for _ in range(cfg.dpo_epochs) for b in range(0, len(enc), cfg.batch_size)]:
         with torch.no_grad():
             rc, rr = dpo_logps(sft, tok, enc[b:b + cfg.batch_size], cfg, device)
         pc, pr = dpo_logps(model, tok, enc[b:b + cfg.batch_size], cfg, device)
         dpo_loss(pc, pr, rc, rr, cfg.beta)[0].backward()
-        opt.step(), opt.zero_grad(set_to_none=True)
-    result["resident_reference_pairs_per_s"] = round(len(pairs) / (time.time() - t0), 1)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
+    result["resident_reference_pairs_per_s"] = round(len(pairs) * cfg.dpo_epochs / (time.time() - t0), 1)
     try:
         import datasets
         import trl
@@ -1746,7 +1747,7 @@ def bench_dpo(cfg, n_pairs=256):
     else:
         import tempfile
         with tempfile.TemporaryDirectory() as tmp:
-            args = trl.DPOConfig(output_dir=tmp, per_device_train_batch_size=cfg.batch_size, num_train_epochs=1,
+            args = trl.DPOConfig(output_dir=tmp, per_device_train_batch_size=cfg.batch_size, num_train_epochs=cfg.dpo_epochs,
                                  learning_rate=cfg.dpo_lr, beta=cfg.beta, max_length=cfg.max_len, report_to=[],
                                  precompute_ref_log_probs=True, save_strategy="no", logging_steps=10 ** 9,
                                  use_cpu=device.type == "cpu", bf16=device.type == "cuda")
@@ -1754,7 +1755,7 @@ def bench_dpo(cfg, n_pairs=256):
             trainer = trl.DPOTrainer(model=copy.deepcopy(sft), args=args, train_dataset=data, processing_class=tok)
             t0 = time.time()
             trainer.train()
-            result[f"trl_{trl.__version__}_pairs_per_s"] = round(len(pairs) / (time.time() - t0), 1)
+            result[f"trl_{trl.__version__}_pairs_per_s"] = round(len(pairs) * cfg.dpo_epochs / (time.time() - t0), 1)
     write_jsonl(f"{cfg.out}/metrics.jsonl", [{"stage": "bench_dpo", **result}], mode="a")
     print("\n".join(f"{k:>34}: {v}" for k, v in result.items()))
     return result
