@@ -347,6 +347,31 @@ def test_a_row_stops_after_its_finished_answer_line():
     assert n == [len(tok("7 + 5 = 12\nThe answer is 12\n", add_special_tokens=False)["input_ids"])] * 2
 
 
+def test_sampling_batches_keep_to_the_token_budget():
+    tok = sn.tiny_tokenizer()
+    rows = [(str(i), "Q" * (5 + 7 * (i % 5))) for i in range(40)]
+    plain = sn.gen_batches(None, tok, rows, sn.Config(gen_batch=16))
+    assert [len(b) for b in plain] == [16, 16, 8]
+    cfg = sn.Config(gen_batch=16, gen_tokens=400, max_new_tokens=10)
+    batches = sn.gen_batches(None, tok, rows, cfg)
+    assert [r for b in batches for r in b] == rows and len(batches) > 3
+    for b in batches:
+        assert len(b) <= 16 and len(b) * (max(len(p) + 1 for _, p in b) + 10) <= 400  # +1: the <s> token
+
+
+def test_length_sorted_batches_cover_every_example_once_with_little_padding():
+    import random
+    lengths = [random.Random(i).choice([10, 50, 200]) for i in range(512)]
+    plain = sn.epoch_batches(random.Random(0), lengths, sn.Config(batch_size=16))
+    order = list(range(512))
+    random.Random(0).shuffle(order)
+    assert plain == [order[b:b + 16] for b in range(0, 512, 16)]  # off: the same shuffle as always
+    batches = sn.epoch_batches(random.Random(0), lengths, sn.Config(batch_size=16, sort_len=True))
+    assert sorted(i for b in batches for i in b) == list(range(512))
+    padding = lambda bs: sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in bs)  # noqa
+    assert padding(batches) < padding(plain) / 10
+
+
 def test_find_pit_rules():
     assert sn.find_pit(0.5, [1.0, 0.25, 0.0, 0.0], "first_pit") == 3
     assert sn.find_pit(0.5, [1.0, 0.25, 0.0, 0.0], "min_advantage") == 2
@@ -505,7 +530,7 @@ def test_scripted_policy_run_builds_pairs_and_trains(tmp_path, monkeypatch):
         return texts, [1] * len(texts), 0
     monkeypatch.setattr(sn, "generate", half_right)
     out = str(tmp_path / "run")
-    sn.main(MINI + ["--mode", "all", "--out", out])
+    sn.main(MINI + ["--mode", "all", "--out", out, "--sort_len", "true", "--gen_tokens", "3000"])
     pairs = sn.read_jsonl(os.path.join(out, "per_step/pairs.jsonl"))
     assert pairs and all(not p["rejected"].endswith("</s>") for p in pairs)
     assert sn.read_jsonl(os.path.join(out, "dpo/pairs.jsonl"))
