@@ -125,6 +125,46 @@ def parse_config(argv=None):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Processes: one, or one per GPU (or CPU process) under torchrun, data parallel with torch's own engine.
+# ---------------------------------------------------------------------------------------------------------------
+
+RANK, WORLD = 0, 1  # this process and how many there are: torchrun --nproc_per_node N stepneg.py ... sets WORLD = N
+
+
+def start_processes(cfg):
+    """Under torchrun (it sets WORLD_SIZE, RANK, LOCAL_RANK): join the process group, NCCL with one GPU per rank or
+    gloo on CPU. Every rank runs the same program; sampling batches are shared out, each training batch is split
+    across ranks (DistributedDataParallel averages the gradients), and rank 0 alone writes files and prints (the other
+    ranks' output goes to out/rank<r>.log)."""
+    global RANK, WORLD
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    cuda = pick_device(cfg) == "cuda"
+    if cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    RANK, WORLD = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if RANK > 0:
+        os.makedirs(cfg.out, exist_ok=True)
+        sys.stdout = sys.stderr = open(f"{cfg.out}/rank{RANK}.log", "w", buffering=1)
+
+
+def sync():
+    """Wait for every rank: what rank 0 has just written, the others may now read."""
+    if WORLD > 1:
+        torch.distributed.barrier()
+
+
+def gather(rows):
+    """Every rank's list, concatenated in rank order, on every rank."""
+    if WORLD == 1:
+        return rows
+    parts = [None] * WORLD
+    torch.distributed.all_gather_object(parts, rows)
+    return [r for part in parts for r in part]
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Data: the embedded toy task, and readers for GSM8K, MATH and a plain format.
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -176,19 +216,23 @@ def make_toy_data(seed=0, n_train=8000, n_test=500):
 
 def write_text(path, text):
     """A whole file, written to a temporary name and renamed: a crash leaves the old file or the new, never half."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+    if RANK == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+    sync()
 
 
 def write_jsonl(path, rows, mode="w"):
     """Write rows whole (write_text), or append them and flush (a cache growing a batch at a time)."""
     if mode == "a":
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-            f.flush()
+        if RANK == 0:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            with open(path, "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+                f.flush()
+        sync()
         return
     write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
@@ -589,13 +633,15 @@ def merge_lora(model):
 
 def save_model(model, tok, path):
     model = merge_lora(model)
-    tmp = path + ".tmp"
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    if os.path.exists(path):
-        import shutil
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+    if RANK == 0:
+        tmp = path + ".tmp"
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if os.path.exists(path):
+            import shutil
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    sync()
 
 
 def encode(tok, prompt, response, complete):
@@ -646,6 +692,15 @@ def sequence_logps(model, ids, att, mask):
 ANSWER_LINE = re.compile(r"The answer is|####|\\boxed\{")
 
 
+def left_pad(rows, pad, device):
+    """[[5, 6, 7], [8]] -> ids [[5, 6, 7], [pad, pad, 8]] and attention [[1, 1, 1], [0, 0, 1]]: every prompt ends at
+    the same position, so the next token of every row is predicted from the last column."""
+    T = max(len(r) for r in rows)
+    ids = torch.tensor([[pad] * (T - len(r)) + r for r in rows], device=device)                    # (B, T)
+    att = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows], device=device)           # (B, T)
+    return ids, att
+
+
 @torch.no_grad()
 def generate(model, tok, prompts, temperature, max_new_tokens, seed):
     """One batch of rows -> (completions, tokens generated per row, prompt tokens read). temperature 0 = greedy.
@@ -656,10 +711,9 @@ def generate(model, tok, prompts, temperature, max_new_tokens, seed):
     model.eval()
     distinct = {p: u for u, p in enumerate(dict.fromkeys(prompts))}  # k samples, M rollouts: the same prompt k times
     enc = [tok(p, add_special_tokens=True)["input_ids"] for p in distinct]
-    B, T = len(prompts), max(len(e) for e in enc)
+    B = len(prompts)
     device, pad, eos, newline = next(model.parameters()).device, tok.pad_token_id, tok.eos_token_id, newline_ids(tok)
-    ids = torch.tensor([[pad] * (T - len(e)) + e for e in enc], device=device)                     # (U, T)
-    att = torch.tensor([[0] * (T - len(e)) + [1] * len(e) for e in enc], device=device)            # (U, T)
+    ids, att = left_pad(enc, pad, device)                                                          # (U, T)
     torch.manual_seed(seed)
     out = model(input_ids=ids, attention_mask=att, position_ids=(att.cumsum(-1) - 1).masked_fill(att == 0, 1),
                 use_cache=True, logits_to_keep=1)
@@ -765,7 +819,8 @@ def matmul_peak(device, dtype):
 
 
 def speed(model, tokens, flops_per_token, seconds):
-    """tokens/s, model-FLOP utilisation (flops_per_token x N x tokens, N = the weights matmuls use), peak memory."""
+    """tokens/s, model-FLOP utilisation (flops_per_token x N x tokens, N = the weights matmuls use; tokens of all
+    ranks, against all ranks' peak), and this process's peak memory."""
     p = next(model.parameters())
     n = sum(q.numel() for q in model.parameters()) - (0 if model.config.tie_word_embeddings else
                                                          model.get_input_embeddings().weight.numel())
@@ -776,7 +831,7 @@ def speed(model, tokens, flops_per_token, seconds):
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     seconds = max(seconds, 1e-9)
     return {"tokens_per_s": round(tokens / seconds), "peak_gib": round(peak, 2),
-            "mfu": round(flops_per_token * n * tokens / seconds / matmul_peak(p.device, p.dtype), 4)}
+            "mfu": round(flops_per_token * n * tokens / seconds / matmul_peak(p.device, p.dtype) / WORLD, 4)}
 
 
 CACHE_VERSION = 2  # bump when a change to the code changes what generation produces for the same inputs
@@ -836,17 +891,22 @@ def cached_generate(model, tok, rows, cfg, path, seed, desc, temperature=None):
             write_jsonl(path, cached)
         done = {r["key"]: r for r in cached}
     batches = gen_batches(model, tok, rows, cfg)
+    todo = [b for b, batch in enumerate(batches)
+            if not all(k in done and done[k].get("tag") == tag(p, b) for k, p in batch)]
     new_tokens, read_tokens, t0 = 0, 0, time.time()
-    for b, batch in enumerate(tqdm(batches, desc=desc, leave=False)):
-        tags = [tag(p, b) for _, p in batch]
-        if all(k in done and done[k].get("tag") == t for (k, _), t in zip(batch, tags)):
-            continue
-        texts, n, read = generate(model, tok, [p for _, p in batch], temperature, cfg.max_new_tokens, seed * 100003 + b)
-        new_tokens, read_tokens = new_tokens + sum(n), read_tokens + read
-        fresh = [{"key": k, "text": t, "tokens": m, "batch": b, "tag": g}
-                 for (k, _), t, m, g in zip(batch, texts, n, tags)]
+    for first in tqdm(range(0, len(todo), WORLD), desc=desc, leave=False):  # a round: each rank samples one batch
+        fresh = []
+        if first + RANK < len(todo):
+            b = todo[first + RANK]
+            texts, n, read = generate(model, tok, [p for _, p in batches[b]], temperature, cfg.max_new_tokens,
+                                      seed * 100003 + b)
+            fresh = [{"key": k, "text": t, "tokens": m, "batch": b, "tag": tag(p, b)}
+                     for (k, p), t, m in zip(batches[b], texts, n)]
+            new_tokens, read_tokens = new_tokens + sum(n), read_tokens + read
+        fresh = gather(fresh)
         write_jsonl(path, fresh, mode="a")
         done.update({r["key"]: r for r in fresh})
+    new_tokens, read_tokens = (sum(gather([x])) for x in (new_tokens, read_tokens))
     stats = {"tokens": sum(done[k]["tokens"] for k, _ in rows), "new_tokens": new_tokens,
              "seconds": time.time() - t0}
     if new_tokens and model is not None:  # model FLOPs: 2 N per token, prompts read once each plus the tokens written
@@ -1068,9 +1128,11 @@ def check_finite(loss, stage):
 def save_train_state(path, model, opt, sched, step, extra):
     """Everything a killed training run needs to go on exactly where it stopped, written under a temporary name
     and renamed, so a crash mid-write leaves the previous checkpoint intact."""
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step,
-                "torch_rng": torch.get_rng_state(), "extra": extra}, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    if RANK == 0:
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step,
+                    "torch_rng": torch.get_rng_state(), "extra": extra}, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    sync()
 
 
 def load_train_state(path, model, opt, sched, extra):
@@ -1117,6 +1179,10 @@ def prepare_training(model, cfg, desc):
     est = memory_estimate(model, cfg.batch_size, cfg.max_len, cfg.grad_ckpt)
     print(f"{desc}: memory estimate (GiB, batch {cfg.batch_size} x {cfg.max_len} tokens at most): "
           + ", ".join(f"{k} {v}" for k, v in est.items()) + f", total {sum(est.values()):.3f}")
+    if WORLD == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(model)  # forwards through it; its backward averages gradients over the ranks
 
 
 def epoch_batches(rng, lengths, cfg):
@@ -1143,7 +1209,7 @@ def train_sft(model, tok, examples, cfg, epochs, lr, desc, ckpt=None):
     per_epoch = math.ceil(len(data) / cfg.batch_size)
     steps = cfg.sft_steps or epochs * per_epoch
     mb = cfg.micro_batch or cfg.batch_size
-    prepare_training(model, cfg, desc)
+    fwd = prepare_training(model, cfg, desc)
     opt, sched = make_optimizer(model, lr, steps)
     st = {"log": [], "truncated": 0, "train_tokens": 0}
     start, step, t0, tok_now = load_train_state(ckpt, model, opt, sched, st), 0, time.time(), 0
@@ -1155,23 +1221,26 @@ def train_sft(model, tok, examples, cfg, epochs, lr, desc, ckpt=None):
             if step <= start or step > steps:
                 continue
             batch, loss = [data[i] for i in rows], 0.0
-            pieces = [batch_tensors(tok, batch[m:m + mb], cfg.max_len, device) for m in range(0, len(batch), mb)]
-            n_tokens = sum(mask[:, 1:].sum() for _, _, mask, _ in pieces)
-            for ids, att, mask, tr in pieces:
-                logits = model(input_ids=ids, attention_mask=att).logits[:, :-1].float()          # (B, T-1, V)
+            seen = [min(len(p) + len(r), cfg.max_len) for p, r in batch]     # tokens the model reads (truncated)
+            n_tokens = torch.tensor(float(sum(max(0, s - len(p)) for s, (p, _) in zip(seen, batch))),
+                                    device=device)                           # response tokens of the whole batch
+            for m in range(0, len(batch), mb * WORLD):  # micro-batches; under torchrun each rank takes every WORLD-th
+                share = batch[m:m + mb * WORLD][RANK::WORLD]
+                ids, att, mask, _ = batch_tensors(tok, share or batch[m:m + 1], cfg.max_len, device)
+                logits = fwd(input_ids=ids, attention_mask=att).logits[:, :-1].float()            # (B, T-1, V)
                 token_logps = -F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # (B, T-1)
-                piece = sft_loss(token_logps, mask[:, 1:], n_tokens)
+                # x WORLD: DDP averages the ranks' gradients, the batch's loss is their sum (an idle rank adds 0)
+                piece = sft_loss(token_logps, mask[:, 1:], n_tokens) * (WORLD if share else 0)
                 check_finite(piece, desc)
                 piece.backward()
-                loss += piece.item()
-                st["truncated"] += tr
-                st["train_tokens"] += int(att.sum())
-                tok_now += int(att.sum())
+                loss += piece.item() / WORLD
+            st["truncated"] += sum(len(p) + len(r) > cfg.max_len for p, r in batch)
+            st["train_tokens"], tok_now = st["train_tokens"] + sum(seen), tok_now + sum(seen)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
             bar.update(1)
             if step % cfg.log_every == 0 or step == steps:
-                row = {"step": step, "epoch": epoch, "loss": round(loss, 4),
+                row = {"step": step, "epoch": epoch, "loss": round(sum(gather([loss])), 4),
                        **speed(model, tok_now, train_flops(cfg), time.time() - t0)}
                 st["log"].append(row)
                 bar.set_postfix(loss=row["loss"])
@@ -1207,9 +1276,8 @@ def branched_logps(model, tok, enc_pairs, cfg, device):
     prompts = [c[0] for c, _ in enc_pairs]
     responses = [c[1][:max(0, cfg.max_len - len(c[0]))] for c, _ in enc_pairs] + \
                 [r[1][:max(0, cfg.max_len - len(r[0]))] for _, r in enc_pairs]
-    B, Tp, Tr, pad = len(prompts), max(map(len, prompts)), max(1, max(map(len, responses))), tok.pad_token_id
-    p_ids = torch.tensor([[pad] * (Tp - len(p)) + p for p in prompts], device=device)              # (B, Tp)
-    p_att = torch.tensor([[0] * (Tp - len(p)) + [1] * len(p) for p in prompts], device=device)     # (B, Tp)
+    B, Tr, pad = len(prompts), max(1, max(map(len, responses))), tok.pad_token_id
+    p_ids, p_att = left_pad(prompts, pad, device)                                                  # (B, Tp)
     out = model(input_ids=p_ids, attention_mask=p_att, position_ids=(p_att.cumsum(-1) - 1).clamp(min=0),
                 use_cache=True, logits_to_keep=1)
     both = torch.arange(B, device=device).repeat(2)             # chosen rows, then rejected rows, each on its prompt
@@ -1245,7 +1313,7 @@ def train_dpo(model, tok, pairs, cfg, desc, ckpt=None):
     steps = cfg.dpo_epochs * math.ceil(len(enc) / cfg.batch_size)
     mb = cfg.micro_batch or cfg.batch_size
     # beta2 = 0.999: a fine-tuning run this short is hurt by Adam's noisy early second-moment estimates
-    prepare_training(model, cfg, desc)
+    fwd = prepare_training(model, cfg, desc)
     opt, sched = make_optimizer(model, cfg.dpo_lr, steps, betas=(0.9, 0.999))
     st = {"log": [], "train_tokens": 0}
     start, step, t0, seen, tok_now = load_train_state(ckpt, model, opt, sched, st), 0, time.time(), 0, 0
@@ -1256,14 +1324,15 @@ def train_dpo(model, tok, pairs, cfg, desc, ckpt=None):
             if step <= start:
                 continue
             loss, cr, rr = 0.0, [], []
-            for m in range(0, len(idx), mb):  # micro-batches: each piece's mean loss weighted by its share
-                part = idx[m:m + mb]
-                pc, pr = pair_logps(model, tok, [enc[i] for i in part], cfg, device)
+            for m in range(0, len(idx), mb * WORLD):  # micro-batches (and ranks): each piece's mean loss, weighted
+                share = idx[m:m + mb * WORLD][RANK::WORLD]     # by its share of the batch (x WORLD: DDP averages)
+                part = share or idx[m:m + 1]
+                pc, pr = pair_logps(fwd, tok, [enc[i] for i in part], cfg, device)
                 piece, c, r = dpo_loss(pc, pr, ref_c[part], ref_r[part], cfg.beta)
-                piece = piece * len(part) / len(idx)
+                piece = piece * len(share) / len(idx) * WORLD
                 check_finite(piece, desc)
                 piece.backward()
-                loss, cr, rr = loss + piece.item(), cr + [c], rr + [r]
+                loss, cr, rr = loss + piece.item() / WORLD, cr + [c], rr + [r]
             cr, rr = torch.cat(cr), torch.cat(rr)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
@@ -1272,7 +1341,7 @@ def train_dpo(model, tok, pairs, cfg, desc, ckpt=None):
             tok_now += sum(len(c[0]) + len(c[1]) + len(r[1]) for c, r in (enc[i] for i in idx))  # what a pair needs
             bar.update(1)
             if step % cfg.log_every == 0 or step == steps:
-                row = {"step": step, "loss": round(loss, 4), "chosen_reward": round(cr.mean().item(), 4),
+                row = {"step": step, "loss": round(sum(gather([loss])), 4), "chosen_reward": round(cr.mean().item(), 4),
                        "rejected_reward": round(rr.mean().item(), 4),
                        "pair_acc": round((cr > rr).float().mean().item(), 3),
                        "pairs_per_s": round(seen / (time.time() - t0), 1),
@@ -1336,14 +1405,20 @@ def invalidate_downstream(cfg, name):
     for later in DOWNSTREAM.get(name, []):
         if os.path.exists(f"{cfg.out}/{later}/done.json"):
             print(f"{cfg.out}/{later}: made from an earlier {name}; it will be redone")
-            os.remove(f"{cfg.out}/{later}/done.json")
+            sync()  # every rank has seen it before rank 0 removes it
+            if RANK == 0:
+                os.remove(f"{cfg.out}/{later}/done.json")
+            sync()
         invalidate_downstream(cfg, later)
 
 
 def finish_stage(cfg, name, result):
     invalidate_downstream(cfg, name)
     if os.path.exists(f"{cfg.out}/{name}/train_state.pt"):  # the model is saved: the resume state is not needed
-        os.remove(f"{cfg.out}/{name}/train_state.pt")
+        sync()
+        if RANK == 0:
+            os.remove(f"{cfg.out}/{name}/train_state.pt")
+        sync()
     result["outputs"] = {os.path.relpath(os.path.join(d, f), f"{cfg.out}/{name}"): os.path.getsize(os.path.join(d, f))
                          for d, _, files in os.walk(f"{cfg.out}/{name}") for f in files if f != "done.json"}
     write_jsonl(f"{cfg.out}/metrics.jsonl", [{"stage": name, **{k: v for k, v in result.items()
@@ -1692,14 +1767,11 @@ def scaling_table(rows, credit, sizes, seconds):
 def transformers_generate(model, tok, prompts, temperature, max_new_tokens, seed):
     """The same batch through transformers' model.generate, for the benchmark and the test that both write the same."""
     enc = [tok(p, add_special_tokens=True)["input_ids"] for p in prompts]
-    T, pad = max(len(e) for e in enc), tok.pad_token_id
-    device = next(model.parameters()).device
-    ids = torch.tensor([[pad] * (T - len(e)) + e for e in enc], device=device)                     # (B, T)
-    att = torch.tensor([[0] * (T - len(e)) + [1] * len(e) for e in enc], device=device)            # (B, T)
+    ids, att = left_pad(enc, tok.pad_token_id, next(model.parameters()).device)                    # (B, T)
     torch.manual_seed(seed)
     kw = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
-    out = model.generate(input_ids=ids, attention_mask=att, max_new_tokens=max_new_tokens, pad_token_id=pad,
-                         eos_token_id=tok.eos_token_id, **kw)[:, T:]                                # (B, new)
+    out = model.generate(input_ids=ids, attention_mask=att, max_new_tokens=max_new_tokens,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **kw)[:, ids.shape[1]:]  # (B, new)
     rows = [r[:r.index(tok.eos_token_id) + 1] if tok.eos_token_id in r else r for r in out.tolist()]
     return [tok.decode(r, skip_special_tokens=True) for r in rows], [len(r) for r in rows]
 
@@ -1821,6 +1893,7 @@ def check_out_folder(cfg):
 
 def main(argv=None):
     cfg = parse_config(argv)
+    start_processes(cfg)
     print("config:", json.dumps(dataclasses.asdict(cfg)))
     if cfg.mode == "make_data":
         train, test = make_toy_data()
@@ -1831,7 +1904,7 @@ def main(argv=None):
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     if pick_device(cfg) == "cpu":
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // WORLD))
     try:
         limit = cfg.n_train * 2 ** cfg.doublings if cfg.mode == "scaling" else cfg.n_train
         train = load_problems(cfg.train, limit) if cfg.mode != "eval" else []

@@ -845,3 +845,29 @@ def test_synth_mode_writes_d_syn_from_the_teachers_correct_samples(tmp_path, mon
     assert all(sn.reward(p["response"], p["gold"]) for p in d_syn)
     with pytest.raises(SystemExit, match="--teacher"):
         sn.main(MINI + ["--mode", "synth", "--out", out + "2"])
+
+
+def test_torchrun_two_cpu_processes_match_one(tmp_path):
+    """torchrun --nproc_per_node 2 on the gloo backend: sampling batches shared out and gathered, every training batch
+    split across the ranks (uneven shares included). It must match one process: the same samples and pairs, the same
+    weights up to float rounding, the same accuracies."""
+    import subprocess
+    import sys
+    from safetensors.torch import load_file
+    args = MINI + ["--mode", "per_step", "--n_train", "13", "--gen_batch", "8", "--micro_batch", "3"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "stepneg.py", *args, "--out", one], cwd=HERE, env=env, check=True,
+                   capture_output=True)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "stepneg.py", *args, "--out", two], cwd=HERE, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert os.path.exists(f"{two}/rank1.log")  # the second rank ran, quietly
+    for f in ["samples/samples.jsonl", "per_step/pairs.jsonl"]:
+        assert open(f"{one}/{f}").read() == open(f"{two}/{f}").read(), f
+    for stage in ("sft", "per_step"):
+        a, b = (load_file(f"{d}/{stage}/model/model.safetensors") for d in (one, two))
+        assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), stage
+    acc = [[json.loads(line).get("accuracy") for line in open(f"{d}/metrics.jsonl")] for d in (one, two)]
+    assert acc[0] == acc[1]
+
