@@ -1274,27 +1274,28 @@ def dpo_logps(model, tok, enc_pairs, cfg, device):
 
 def branched_logps(model, tok, enc_pairs, cfg, device):
     """dpo_logps for pairs that share a long prompt (per-step pairs: question + solution prefix) and differ in a short
-    step: the prompt is read once and the two continuations run from its KV cache, with gradients flowing through the
-    cache back into the prompt, instead of two full forwards over mostly the same tokens. Same values (tested)."""
-    prompts = [c[0] for c, _ in enc_pairs]
-    responses = [c[1][:max(0, cfg.max_len - len(c[0]))] for c, _ in enc_pairs] + \
-                [r[1][:max(0, cfg.max_len - len(r[0]))] for _, r in enc_pairs]
-    B, Tr, pad = len(prompts), max(1, max(map(len, responses))), tok.pad_token_id
+    step: the prompt is read once; chosen runs from its KV cache, the cache is cut back to the prompt, rejected runs
+    from it; gradients flow through the cache into the prompt. Instead of two full forwards over mostly the same
+    tokens, and each side padded only to its own longest (a rejected step is short). Same values (tested)."""
+    prompts, pad = [c[0] for c, _ in enc_pairs], tok.pad_token_id
     p_ids, p_att = left_pad(prompts, pad, device)                                                  # (B, Tp)
     out = model(input_ids=p_ids, attention_mask=p_att, position_ids=(p_att.cumsum(-1) - 1).clamp(min=0),
                 use_cache=True, logits_to_keep=1)
-    both = torch.arange(B, device=device).repeat(2)             # chosen rows, then rejected rows, each on its prompt
-    cache = out.past_key_values
-    cache.batch_select_indices(both)
-    r_ids = torch.tensor([r + [pad] * (Tr - len(r)) for r in responses], device=device)           # (2B, Tr)
-    r_att = torch.tensor([[1] * len(r) + [0] * (Tr - len(r)) for r in responses], device=device)  # (2B, Tr)
-    position = p_att.sum(-1)[both, None] + torch.arange(Tr, device=device)                        # (2B, Tr)
-    logits = model(input_ids=r_ids, attention_mask=torch.cat([p_att[both], r_att], 1), position_ids=position,
-                   past_key_values=cache, use_cache=True).logits                                  # (2B, Tr, V)
-    logits = torch.cat([out.logits[both], logits[:, :-1]], 1).float()  # (2B, Tr, V): what predicts each response token
-    tok_logp = torch.log_softmax(logits, -1).gather(-1, r_ids.unsqueeze(-1)).squeeze(-1)          # (2B, Tr)
-    logps = (tok_logp * r_att).sum(-1)                                                             # (2B,)
-    return logps[:B], logps[B:]
+    cache, first = out.past_key_values, out.logits[:, -1:]  # (B, 1, V): predicts each response's first token
+    logps = []
+    for side in (0, 1):  # chosen, then rejected
+        responses = [pair[side][1][:max(0, cfg.max_len - len(pair[side][0]))] for pair in enc_pairs]
+        Tr = max(1, max(map(len, responses)))
+        r_ids = torch.tensor([r + [pad] * (Tr - len(r)) for r in responses], device=device)        # (B, Tr)
+        r_att = torch.tensor([[1] * len(r) + [0] * (Tr - len(r)) for r in responses], device=device)
+        logits = model(input_ids=r_ids, attention_mask=torch.cat([p_att, r_att], 1), past_key_values=cache,
+                       position_ids=p_att.sum(-1, keepdim=True) + torch.arange(Tr, device=device),
+                       use_cache=True).logits                                                      # (B, Tr, V)
+        cache.crop(-Tr)                                                   # back to the prompt for the other side
+        logits = torch.cat([first, logits[:, :-1]], 1).float()           # (B, Tr, V): what predicts each token
+        tok_logp = torch.log_softmax(logits, -1).gather(-1, r_ids.unsqueeze(-1)).squeeze(-1)      # (B, Tr)
+        logps.append((tok_logp * r_att).sum(-1))                                                   # (B,)
+    return logps[0], logps[1]
 
 
 def train_dpo(model, tok, pairs, cfg, desc, ckpt=None):
