@@ -1298,21 +1298,34 @@ def branched_logps(model, tok, enc_pairs, cfg, device):
     return logps[0], logps[1]
 
 
-def train_dpo(model, tok, pairs, cfg, desc, ckpt=None):
-    """DPO against the frozen pi_sft. The reference log-probs are computed once, before training, with the very
-    model we start from (pi = pi_ref at step 0), so no second copy of the model stays in memory."""
-    device = next(model.parameters()).device
-    enc = pair_batches(tok, pairs)
-    # (transformers turns the KV cache off under activation checkpointing, so that takes the two full forwards)
-    pair_logps = branched_logps if cfg.branch and not cfg.grad_ckpt else dpo_logps
+def with_reference_logps(model, tok, pairs, cfg, desc):
+    """The pairs with log pi_ref(chosen | prompt) and log pi_ref(rejected | prompt) added, from `model` = pi_sft, in
+    batches with no grad: computed once per pair set and stored with the pairs (the column names TRL reads), so no
+    reference model stays resident while the policy trains.
+    {"prompt", "chosen", "rejected", ...} -> {..., "ref_chosen_logps": -3.21, "ref_rejected_logps": -9.87}"""
+    device, enc, out = next(model.parameters()).device, pair_batches(tok, pairs), []
     model.eval()
-    ref_c, ref_r = [], []
     with torch.no_grad():
         for b in tqdm(range(0, len(enc), cfg.batch_size), desc=f"{desc}: reference log-probs", leave=False):
-            c, r = pair_logps(model, tok, enc[b:b + cfg.batch_size], cfg, device)
-            ref_c.append(c.float())
-            ref_r.append(r.float())
-    ref_c, ref_r = torch.cat(ref_c), torch.cat(ref_r)                                   # (N,), (N,)
+            c, r = pair_logps(cfg)(model, tok, enc[b:b + cfg.batch_size], cfg, device)
+            out += [{**p, "ref_chosen_logps": x, "ref_rejected_logps": y}
+                    for p, x, y in zip(pairs[b:b + cfg.batch_size], c.float().tolist(), r.float().tolist())]
+    return out
+
+
+def pair_logps(cfg):
+    # (transformers turns the KV cache off under activation checkpointing, so that takes the two full forwards)
+    return branched_logps if cfg.branch and not cfg.grad_ckpt else dpo_logps
+
+
+def train_dpo(model, tok, pairs, cfg, desc, ckpt=None):
+    """DPO against the frozen pi_sft, whose log-probs the pairs carry (with_reference_logps; added here if not)."""
+    device = next(model.parameters()).device
+    if pairs and "ref_chosen_logps" not in pairs[0]:
+        pairs = with_reference_logps(model, tok, pairs, cfg, desc)
+    enc = pair_batches(tok, pairs)
+    ref_c = torch.tensor([p["ref_chosen_logps"] for p in pairs], device=device)          # (N,)
+    ref_r = torch.tensor([p["ref_rejected_logps"] for p in pairs], device=device)        # (N,)
     rng = random.Random(cfg.seed)
     steps = cfg.dpo_epochs * math.ceil(len(enc) / cfg.batch_size)
     mb = cfg.micro_batch or cfg.batch_size
@@ -1331,7 +1344,7 @@ def train_dpo(model, tok, pairs, cfg, desc, ckpt=None):
             for m in range(0, len(idx), mb * WORLD):  # micro-batches (and ranks): each piece's mean loss, weighted
                 share = idx[m:m + mb * WORLD][RANK::WORLD]     # by its share of the batch (x WORLD: DDP averages)
                 part = share or idx[m:m + 1]
-                pc, pr = pair_logps(fwd, tok, [enc[i] for i in part], cfg, device)
+                pc, pr = pair_logps(cfg)(fwd, tok, [enc[i] for i in part], cfg, device)
                 piece, c, r = dpo_loss(pc, pr, ref_c[part], ref_r[part], cfg.beta)
                 piece = piece * len(share) / len(idx) * WORLD
                 check_finite(piece, desc)
@@ -1518,6 +1531,7 @@ def run_dpo(cfg, train, sft_path, name, make_pairs):
         os.makedirs(f"{cfg.out}/{name}", exist_ok=True)
         model, tok = load_model(cfg, sft_path)
         pairs, extra = make_pairs(model, tok, samples)
+        pairs = with_reference_logps(model, tok, pairs, cfg, name)
         write_jsonl(f"{cfg.out}/{name}/pairs.jsonl", pairs)
         if pairs:
             res = train_dpo(model, tok, pairs, cfg, name, f"{cfg.out}/{name}/train_state.pt")

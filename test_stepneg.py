@@ -533,6 +533,7 @@ def test_scripted_policy_run_builds_pairs_and_trains(tmp_path, monkeypatch):
     sn.main(MINI + ["--mode", "all", "--out", out, "--sort_len", "true", "--gen_tokens", "3000"])
     pairs = sn.read_jsonl(os.path.join(out, "per_step/pairs.jsonl"))
     assert pairs and all(not p["rejected"].endswith("</s>") for p in pairs)
+    assert all(p["ref_chosen_logps"] < 0 and p["ref_rejected_logps"] < 0 for p in pairs)  # pi_sft's, stored with them
     assert sn.read_jsonl(os.path.join(out, "dpo/pairs.jsonl"))
     assert "| per_step |" in open(os.path.join(out, "summary.md")).read()
 
