@@ -1851,7 +1851,8 @@ def bench_dpo(cfg, n_pairs=256):
     path = f"{cfg.out}/per_step/pairs.jsonl"
     if not os.path.exists(path):
         raise SystemExit(f"{path}: not found; run --mode per_step with the same --out first")
-    pairs = read_jsonl(path)[:n_pairs]
+    # without their stored reference log-probs: every implementation timed here computes its own
+    pairs = [{k: v for k, v in p.items() if not k.startswith("ref_")} for p in read_jsonl(path)[:n_pairs]]
     sft, tok = load_model(cfg, cfg.init or f"{cfg.out}/sft/model")
     c = dataclasses.replace(cfg, log_every=10 ** 9, ckpt_every=10 ** 9)
     result, device = {"pairs": len(pairs), "epochs": cfg.dpo_epochs, "batch": cfg.batch_size}, next(sft.parameters()).device
