@@ -709,7 +709,8 @@ def generate(model, tok, prompts, temperature, max_new_tokens, seed):
     ["Question: ...\\nAnswer:\\n", ...] -> ["7 + 5 = 12\\n...The answer is 9", ...]
     Not transformers' generate: here a row that is done (EOS, or a finished answer line) leaves the batch and the KV
     cache, so a batch's tail costs only its live rows. The random draws are generate's (seeded the same way, one
-    multinomial over all B rows per step), so the two write the same text for the same seed (tested)."""
+    multinomial over all B rows per step), so the two write the same text for the same seed (tested), up to the float
+    rounding of a prefill over distinct prompts only (2 of 512 rows differed in a check at T = 1)."""
     model.eval()
     distinct = {p: u for u, p in enumerate(dict.fromkeys(prompts))}  # k samples, M rollouts: the same prompt k times
     enc = [tok(p, add_special_tokens=True)["input_ids"] for p in distinct]
@@ -721,8 +722,7 @@ def generate(model, tok, prompts, temperature, max_new_tokens, seed):
                 use_cache=True, logits_to_keep=1)
     # each distinct prompt is read once; its KV cache is then copied out to every row that samples from it
     index = torch.tensor([distinct[p] for p in prompts], device=device)
-    out.past_key_values.batch_select_indices(index)
-    cache, att = roomy(out.past_key_values, max_new_tokens), att[index]                           # (B, T)
+    cache, att = roomy(out.past_key_values, index, max_new_tokens), att[index]                    # (B, T)
     logits = out.logits[index, -1].float()                                                          # (B, V)
     live = list(range(B))                 # the batch row of each row still in the cache
     new, answered, done = [[] for _ in range(B)], set(), set()
@@ -739,9 +739,11 @@ def generate(model, tok, prompts, temperature, max_new_tokens, seed):
                 continue
             row = new[live[j]]
             row.append(token)
-            if token == eos or token in newline and ANSWER_LINE.search(tok.decode(row).rsplit("\n", 1)[0]):
+            if token == eos:
                 done.add(live[j])
-                answered.update([live[j]] if token != eos else [])
+            elif token in newline and ANSWER_LINE.search(tok.decode(row).rsplit("\n", 1)[0]):
+                done.add(live[j])
+                answered.add(live[j])
         keep = [j for j, row in enumerate(live) if row not in done]
         if not keep or t == max_new_tokens - 1:
             break
@@ -765,11 +767,12 @@ class RoomyLayer(DynamicLayer):
     decode time on the CPU default.) keys/values are views of the first n positions of the buffers."""
 
     @classmethod
-    def reserve(cls, layer, extra):
+    def reserve(cls, layer, index, extra):
         new = cls()
-        B, H, T, D = layer.keys.shape
-        new.buffers = [torch.empty(B, H, T + extra, D, dtype=x.dtype, device=x.device) for x in (layer.keys, layer.values)]
-        new.buffers[0][:, :, :T], new.buffers[1][:, :, :T] = layer.keys, layer.values
+        _, H, T, D = layer.keys.shape
+        new.buffers = [torch.empty(len(index), H, T + extra, D, dtype=x.dtype, device=x.device)
+                       for x in (layer.keys, layer.values)]
+        new.buffers[0][:, :, :T], new.buffers[1][:, :, :T] = layer.keys[index], layer.values[index]
         new.dtype, new.device, new.is_initialized, new.n = layer.keys.dtype, layer.keys.device, True, T
         new.keys, new.values = new.buffers[0][:, :, :T], new.buffers[1][:, :, :T]
         return new
@@ -786,11 +789,13 @@ class RoomyLayer(DynamicLayer):
         self.keys, self.values = self.buffers[0][:, :, :self.n], self.buffers[1][:, :, :self.n]
 
 
-def roomy(cache, extra):
-    """The prefill's cache with room for `extra` more tokens per layer, when every layer is a plain DynamicLayer
-    (sliding-window or hybrid models keep theirs)."""
+def roomy(cache, index, extra):
+    """The prefill's cache with its row index[i] as row i, and room for `extra` more tokens per layer when every layer
+    is a plain DynamicLayer (sliding-window or hybrid models keep their own layers, re-indexed)."""
     if all(type(layer) is DynamicLayer and layer.is_initialized for layer in getattr(cache, "layers", [None])):
-        cache.layers = [RoomyLayer.reserve(layer, extra) for layer in cache.layers]
+        cache.layers = [RoomyLayer.reserve(layer, index, extra) for layer in cache.layers]
+    else:
+        cache.batch_select_indices(index)
     return cache
 
 
