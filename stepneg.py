@@ -1420,8 +1420,9 @@ def stage_done(cfg, name):
 
 
 # What each stage's outputs are computed from: a stage that is redone makes these stale, so they are redone too.
-DOWNSTREAM = {"sft": ["eval_sft", "samples", "rft"], "samples": ["rft", "dpo", "per_step"], "rft": ["eval_rft"],
-              "dpo": ["eval_dpo"], "per_step": ["eval_per_step"]}
+DOWNSTREAM = {"sft": ["eval_sft", "samples", "rft"], "samples": ["rft", "dpo", "per_step", "per_step_oracle"],
+              "rft": ["eval_rft"], "dpo": ["eval_dpo"], "per_step": ["eval_per_step"],
+              "per_step_oracle": ["eval_per_step_oracle"]}
 
 
 def invalidate_downstream(cfg, name):
@@ -1640,12 +1641,31 @@ def equivalent_size(error, a, b):
 TOY_SOLUTION = re.compile(r"(-?\d+ [-+*/] \d+ = -?\d+\n)+The answer is -?\d+")
 
 
+def has_toy_truth(problems):
+    return all(p["response"] and TOY_SOLUTION.fullmatch(p["response"]) for p in problems)
+
+
 def first_wrong_step(steps, reference):
     """Toy truth: the first step (1-based) that differs from the exact solution's step, or None if none does."""
     for i, step in enumerate(steps):
         if i >= len(reference) or step.strip() != reference[i].strip():
             return i + 1
     return None
+
+
+def oracle_pairs(problems, samples, cfg):
+    """Toy only: per-step pairs from the truth instead of rollouts, to tell bad credit from a weak signal. For each
+    negative kept by per-step, c = its first wrong step; prompt = x + the right steps before it, chosen = the exact
+    solution from step c on, rejected = step c alone (the per_step_pairs step form, with perfect credit)."""
+    pairs = []
+    for n in collect_negatives(problems, samples, cfg.max_negatives):
+        steps, ref = split_steps(n["response"], cfg.step_cap), split_steps(problems[n["pid"]]["response"], cfg.step_cap)
+        c = first_wrong_step(steps, ref)
+        if c is not None and c <= len(ref):  # a negative longer than the exact solution has no true step c
+            pairs.append({"prompt": PROMPT.format(question=problems[n["pid"]]["question"]) + "".join(ref[:c - 1]),
+                          "chosen": "".join(ref[c - 1:]), "rejected": steps[c - 1], "rejected_complete": False,
+                          "pid": n["pid"], "nid": n["nid"], "pit": c})
+    return pairs
 
 
 def response_logps(model, tok, items, cfg):
@@ -1663,7 +1683,7 @@ def credit_report(cfg, train):
     checked against the truth: how often the pit is the first wrong step, whether M fresh rollouts from the pit
     prefix (another seed) agree that it is dead, how many correct samples and RFT positives carry a wrong or
     useless step (the paper's spurious steps), and whether per-step DPO lowers their log-probability."""
-    if not all(p["response"] and TOY_SOLUTION.fullmatch(p["response"]) for p in train):
+    if not has_toy_truth(train):
         return {}
     ref = [split_steps(p["response"], cfg.step_cap) for p in train]
     pairs = read_jsonl(f"{cfg.out}/per_step/pairs.jsonl")
@@ -1731,6 +1751,11 @@ def run_scaling(cfg, train, test):
         k_budget = math.ceil(cfg.k_samples * (smp["sample_tokens"] + ps["rollout_tokens"]) / smp["sample_tokens"])
         bud = sub("rft_budget", n, k_samples=k_budget, init=f"{base.out}/sft/model")
         acc["rft_budget"] = run_pipeline(bud, train[:n], test, ["rft"])["rft"]["accuracy"]
+        toy = has_toy_truth(train[:n])
+        if toy:  # the same DPO on pairs with the toy's true pits: what perfect credit would give
+            make = lambda model, tok, samples: (oracle_pairs(train[:n], samples, base), {})  # noqa: E731
+            path = run_dpo(base, train[:n], f"{base.out}/sft/model", "per_step_oracle", make)
+            acc["per_step_oracle"] = run_eval(base, test, "per_step_oracle", path)["accuracy"]
         a, b = fit_log_curve(sizes, [1 - acc.get(f"sft_{m}", acc["sft"]) for m in sizes])
         sft_tok = stage_done(base, "sft")["train_tokens"]
         budget = {"sft": (n, 0, 0, 0, sft_tok),
@@ -1741,6 +1766,9 @@ def run_scaling(cfg, train, test):
                   "dpo": (n, smp["samples"], 0, smp["sample_tokens"], sft_tok + stage_done(base, "dpo")["train_tokens"]),
                   "per_step": (n, smp["samples"], ps["rollouts"], smp["sample_tokens"] + ps["rollout_tokens"],
                                sft_tok + ps["train_tokens"])}
+        if toy:
+            budget["per_step_oracle"] = (n, smp["samples"], 0, smp["sample_tokens"],
+                                         sft_tok + stage_done(base, "per_step_oracle")["train_tokens"])
         for method, (problems, samples, rollouts, sampled, trained) in budget.items():
             eq = equivalent_size(1 - acc[method], a, b)
             rows.append({"stage": "scaling", "seed": seed, "method": method, "problems": problems,

@@ -607,14 +607,16 @@ def test_scaling_mode_reports_the_multipliers_of_synthetic_curves(tmp_path, monk
     got = {(r["seed"], r["method"]): r for r in rows}
     assert {s for s, _ in got} == {0, 1} and len(credit) == 2
     for seed in (0, 1):
-        mult = {m: got[seed, m]["multiplier"] for m in ("sft", "sft_8", "sft_16", "rft", "rft_budget", "dpo", "per_step")}
-        assert mult == {"sft": 1.0, "sft_8": 2.0, "sft_16": 4.0, "rft": 2.0, "rft_budget": 4.0, "dpo": 1.0, "per_step": 8.0}
+        mult = {m: got[seed, m]["multiplier"] for m in ("sft", "sft_8", "sft_16", "rft", "rft_budget", "dpo", "per_step",
+                                                        "per_step_oracle")}
+        assert mult == {"sft": 1.0, "sft_8": 2.0, "sft_16": 4.0, "rft": 2.0, "rft_budget": 4.0, "dpo": 1.0, "per_step": 8.0,
+                        "per_step_oracle": 1.0}
         assert got[seed, "per_step"]["samples"] == n * 2 and got[seed, "sft_16"]["problems"] == 16
         assert got[seed, "rft_budget"]["samples"] >= got[seed, "rft"]["samples"]
         assert got[seed, "rft"]["tokens_trained"] > got[seed, "sft"]["tokens_trained"]
     table = open(os.path.join(out, "scaling.md")).read()
     assert "| per_step | 4 |" in table and "8 ± 0 |" in table
-    assert [json.loads(x)["stage"] for x in open(os.path.join(out, "metrics.jsonl"))].count("scaling") == 14
+    assert [json.loads(x)["stage"] for x in open(os.path.join(out, "metrics.jsonl"))].count("scaling") == 16
     steps = [sn.stage_done(sn.Config(out=f"{out}/seed0/{d}"), s)["log"][-1]["step"]
              for d, s in [("n4", "sft"), ("n16", "sft"), ("n4", "rft"), ("rft_budget", "rft")]]
     assert steps == [2, 2, 2, 2]  # compute-matched: every SFT and RFT the same number of optimizer steps
@@ -627,6 +629,20 @@ def test_first_wrong_step_is_the_toy_truth():
     assert sn.first_wrong_step(sn.split_steps("7 + 5 = 11\n11 - 3 = 9\nThe answer is 9"), ref) == 1  # spurious
     assert sn.first_wrong_step(sn.split_steps("7 + 5 = 12\n12 - 3 = 9\n9 + 0 = 9\nThe answer is 9"), ref) == 3
     assert all(sn.TOY_SOLUTION.fullmatch(p["response"]) for p in sn.load_problems(f"{HERE}/data/train.jsonl", 50))
+
+
+def test_oracle_pairs_put_the_pit_on_the_true_first_wrong_step():
+    prob = {"question": "Mia has 7 pens. Mia buys 5 more. Mia gives away 3. How many pens now?", "gold": "9",
+            "response": "7 + 5 = 12\n12 - 3 = 9\nThe answer is 9"}
+    wrong = ["7 + 5 = 12\n12 - 3 = 8\nThe answer is 8", "7 + 5 = 11\n11 - 3 = 8\nThe answer is 8",
+             "7 + 5 = 12\n12 - 3 = 9\n9 + 1 = 10\nThe answer is 10", "7 + 5 = 12\n"]  # the last, cut short, has no wrong step
+    samples = [{"responses": wrong + [prob["response"]], "correct": [False] * 4 + [True]}]
+    pairs = sn.oracle_pairs([prob], samples, sn.Config(max_negatives=4))
+    x = sn.PROMPT.format(question=prob["question"])
+    assert [(p["prompt"], p["chosen"], p["rejected"], p["pit"]) for p in pairs] == [
+        (x + "7 + 5 = 12\n", "12 - 3 = 9\nThe answer is 9", "12 - 3 = 8\n", 2),
+        (x, prob["response"], "7 + 5 = 11\n", 1),
+        (x + "7 + 5 = 12\n12 - 3 = 9\n", "The answer is 9", "9 + 1 = 10\n", 3)]
 
 
 def scaling_args(n, out):
