@@ -1729,8 +1729,9 @@ def credit_report(cfg, train):
 
 def run_scaling(cfg, train, test):
     """--mode scaling: per seed, SFT on the first n, 2n, ..., 2^d n problems (nested), RFT / outcome DPO / per-step DPO
-    from the SFT model on the first n, and RFT again with per-step's sampling budget (samples + rollouts, counted in
-    generated tokens). Every model on the same test split; the multipliers, budgets and credit checks -> scaling.md."""
+    from the SFT model on the first n, RFT again with per-step's sampling budget (samples + rollouts, counted in
+    generated tokens), and on the toy per-step DPO once more with the true pits (oracle_pairs). Every model on the
+    same test split; the multipliers, budgets and credit checks -> scaling.md."""
     t0, n = time.time(), cfg.n_train
     sizes = [n * 2 ** d for d in range(cfg.doublings + 1)]
     if n < 1 or len(train) < sizes[-1]:
