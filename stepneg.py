@@ -13,7 +13,7 @@ LLM Math Reasoning by Eight-Fold" (NeurIPS 2024, arXiv 2406.14532). The pipeline
     python stepneg.py --mode all               # SFT, RFT, outcome DPO and per-step DPO side by side
     python stepneg.py --mode per_step --model Qwen/Qwen2.5-1.5B --train gsm8k_train.jsonl --test gsm8k_test.jsonl
     python stepneg.py --mode synth --teacher Qwen/Qwen2.5-7B-Instruct --train problems.jsonl   # write D_syn
-    python stepneg.py --mode scaling           # the paper's headline: SFT on n..8n vs each method on n, multipliers
+    python stepneg.py --mode scaling           # the paper's headline: SFT on n..8n vs each method on n (hours on CPU)
     torchrun --nproc_per_node 8 stepneg.py --mode per_step --model ...   # data parallel, one GPU per process
     python stepneg.py --mode bench_rollouts    # after a per_step run: first-pit saving, our sampler vs generate
     python stepneg.py --mode bench_dpo         # after a per_step run: our DPO step vs a resident reference and TRL
@@ -1737,6 +1737,9 @@ def run_scaling(cfg, train, test):
     if n < 1 or len(train) < sizes[-1]:
         raise SystemExit(f"error: {cfg.train}: --mode scaling needs n_train >= 1 and {sizes[-1]} training problems "
                          f"(n = {n} times 2^{cfg.doublings}); it has {len(train)}")
+    steps = sum(cfg.sft_steps or cfg.sft_epochs * math.ceil(m / cfg.batch_size) for m in sizes)
+    print(f"scaling: {cfg.seeds} seed(s), each SFT on {sizes} problems ({steps} SFT steps), then sampling, rollouts "
+          f"and DPO on the first {n}; SFT is most of the time (README: measured wall times)")
     rows, credit = [], []
     for seed in range(cfg.seed, cfg.seed + cfg.seeds):
         def sub(name, m, **kw):
