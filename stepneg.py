@@ -59,7 +59,7 @@ class Config:
     teacher: str = ""            # --mode synth: the more capable model that writes D_syn (a hub name or a folder)
     device: str = "auto"         # auto | cpu | cuda
     seed: int = 0
-    n_train: int = 1000          # training problems used by every stage (D_syn size n); 0 = all
+    n_train: int = 1000          # training problems used by every stage (D_syn size n); 0 = all; --mode scaling: 500
     n_test: int = 0              # test problems evaluated; 0 = all
     max_len: int = 256           # tokens per prompt+response; longer examples are truncated (and counted)
     # the tiny model (only when --model tiny)
@@ -115,9 +115,12 @@ def parse_config(argv=None):
     for f in dataclasses.fields(Config):
         if f.type is bool or f.type == "bool":
             ap.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"), default=f.default)
-        else:
-            ap.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
-    cfg = Config(**vars(ap.parse_args(argv)))
+        else:  # n_train's default depends on the mode (below)
+            ap.add_argument(f"--{f.name}", type=type(f.default), default=None if f.name == "n_train" else f.default)
+    args = vars(ap.parse_args(argv))
+    if args["n_train"] is None:  # scaling trains SFT on up to 2^doublings n problems: n = 500 keeps it under 45 min
+        args["n_train"] = 500 if args["mode"] == "scaling" else Config.n_train
+    cfg = Config(**args)
     modes = ("make_data", "synth", "sft", "rft", "dpo", "per_step", "eval", "all", "scaling", "bench_rollouts", "bench_dpo")
     for name, value, allowed in [("mode", cfg.mode, modes), ("credit", cfg.credit, ("first_pit", "min_advantage")),
                                  ("pair_form", cfg.pair_form, ("step", "full"))]:
@@ -549,14 +552,25 @@ def reward(response, gold):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+TOY_WORDS = NAMES + ITEMS + ("has buys finds gets more. gives away loses sells doubles triples quadruples them. keeps "
+                             "half a third quarter of How many now? The answer is").split()
+
+
 def tiny_tokenizer():
-    """A byte-level tokenizer with no merges, built offline: one token per byte, plus <pad>, <s>, </s>.
-    "5 + 3" -> [<s>, '5', 'Ġ', '+', 'Ġ', '3'] (Ġ is the byte-level space). Digits one per token helps a tiny model."""
+    """A tokenizer built offline for the toy: byte-level BPE whose only merges spell the toy's fixed words (names,
+    items, verbs, " + ", " = ", "Question:", ...) as single tokens; digits stay one per token (a tiny model adds better
+    digit by digit); anything else falls back to bytes. Plus <pad>, <s>, </s>. 51 tokens per toy example, not 148."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>"] + alphabet)}
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    merges = []
+    for word in ["Ġ" + w for w in TOY_WORDS] + ["Ġ" + op + "Ġ" for op in "+-*/="] + ["Question:", "Answer:", "The"]:
+        for i in range(1, len(word)):
+            if word[:i + 1] not in vocab:
+                vocab[word[:i + 1]] = len(vocab)
+                merges.append((word[:i], word[i]))
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tk.decoder = decoders.ByteLevel()
     tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])

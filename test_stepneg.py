@@ -347,6 +347,23 @@ def test_a_row_stops_after_its_finished_answer_line():
     assert n == [len(tok("7 + 5 = 12\nThe answer is 12\n", add_special_tokens=False)["input_ids"])] * 2
 
 
+def test_tiny_tokenizer_is_lossless_and_spells_toy_words_as_one_token():
+    tok = sn.tiny_tokenizer()
+    row = sn.load_problems("data/train.jsonl", 1)[0]
+    text = sn.PROMPT.format(question=row["question"]) + row["response"] + "\nnaïve ∫ 0.5x^2 {}\n"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == text  # anything the toy's words don't cover falls back to bytes
+    assert len(ids) < len(text.encode()) / 2
+    assert [tok.decode([i]) for i in tok(" Mia buys 12 more", add_special_tokens=False)["input_ids"]] == \
+        [" Mia", " buys", " ", "1", "2", " more"]  # digits one per token
+
+
+def test_n_train_default_depends_on_the_mode():
+    assert sn.parse_config([]).n_train == 1000
+    assert sn.parse_config(["--mode", "scaling"]).n_train == 500
+    assert sn.parse_config(["--mode", "scaling", "--n_train", "64"]).n_train == 64
+
+
 def test_sampling_batches_keep_to_the_token_budget():
     tok = sn.tiny_tokenizer()
     rows = [(str(i), "Q" * (5 + 7 * (i % 5))) for i in range(40)]
