@@ -559,7 +559,7 @@ TOY_WORDS = NAMES + ITEMS + ("has buys finds gets more. gives away loses sells d
 def tiny_tokenizer():
     """A tokenizer built offline for the toy: byte-level BPE whose only merges spell the toy's fixed words (names,
     items, verbs, " + ", " = ", "Question:", ...) as single tokens; digits stay one per token (a tiny model adds better
-    digit by digit); anything else falls back to bytes. Plus <pad>, <s>, </s>. 51 tokens per toy example, not 148."""
+    digit by digit); anything else falls back to bytes. Plus <pad>, <s>, </s>. A toy example is 52 tokens, 149 bytes."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
