@@ -13,7 +13,7 @@ LLM Math Reasoning by Eight-Fold" (NeurIPS 2024, arXiv 2406.14532). The pipeline
     python stepneg.py --mode all               # SFT, RFT, outcome DPO and per-step DPO side by side
     python stepneg.py --mode per_step --model Qwen/Qwen2.5-1.5B --train gsm8k_train.jsonl --test gsm8k_test.jsonl
     python stepneg.py --mode synth --teacher Qwen/Qwen2.5-7B-Instruct --train problems.jsonl   # write D_syn
-    python stepneg.py --mode scaling           # the paper's headline: SFT on n..8n vs each method on n (hours on CPU)
+    python stepneg.py --mode scaling           # the paper's headline: SFT on n..8n vs each method on n (0.5-1 h, 2 CPU cores)
     torchrun --nproc_per_node 8 stepneg.py --mode per_step --model ...   # data parallel, one GPU per process
     python stepneg.py --mode bench_rollouts    # after a per_step run: first-pit saving, our sampler vs generate
     python stepneg.py --mode bench_dpo         # after a per_step run: our DPO step vs a resident reference and TRL
