@@ -118,7 +118,7 @@ def parse_config(argv=None):
         else:  # n_train's default depends on the mode (below)
             ap.add_argument(f"--{f.name}", type=type(f.default), default=None if f.name == "n_train" else f.default)
     args = vars(ap.parse_args(argv))
-    if args["n_train"] is None:  # scaling trains SFT on up to 2^doublings n problems: n = 500 keeps it under 45 min
+    if args["n_train"] is None:  # scaling trains SFT on up to 2^doublings n problems: n = 500: 26-54 min on 2 CPU cores (README)
         args["n_train"] = 500 if args["mode"] == "scaling" else Config.n_train
     cfg = Config(**args)
     modes = ("make_data", "synth", "sft", "rft", "dpo", "per_step", "eval", "all", "scaling", "bench_rollouts", "bench_dpo")
