@@ -13,7 +13,7 @@ LLM Math Reasoning by Eight-Fold" (NeurIPS 2024, arXiv 2406.14532). The pipeline
     python stepneg.py --mode all               # SFT, RFT, outcome DPO and per-step DPO side by side
     python stepneg.py --mode per_step --model Qwen/Qwen2.5-1.5B --train gsm8k_train.jsonl --test gsm8k_test.jsonl
     python stepneg.py --mode synth --teacher Qwen/Qwen2.5-7B-Instruct --train problems.jsonl   # write D_syn
-    python stepneg.py --mode scaling           # the paper's headline: SFT on n..8n vs each method on n (0.5-1 h, 2 CPU cores)
+    python stepneg.py --mode scaling           # the paper's headline: SFT on n..8n vs each method on n (~1/2-1 h on CPU)
     torchrun --nproc_per_node 8 stepneg.py --mode per_step --model ...   # data parallel, one GPU per process
     python stepneg.py --mode bench_rollouts    # after a per_step run: first-pit saving, our sampler vs generate
     python stepneg.py --mode bench_dpo         # after a per_step run: our DPO step vs a resident reference and TRL
@@ -118,7 +118,7 @@ def parse_config(argv=None):
         else:  # n_train's default depends on the mode (below)
             ap.add_argument(f"--{f.name}", type=type(f.default), default=None if f.name == "n_train" else f.default)
     args = vars(ap.parse_args(argv))
-    if args["n_train"] is None:  # scaling trains SFT on up to 2^doublings n problems: n = 500: 26-54 min on 2 CPU cores (README)
+    if args["n_train"] is None:  # scaling trains SFT on up to 2^doublings n; n = 500: 26-54 min, 2 cores
         args["n_train"] = 500 if args["mode"] == "scaling" else Config.n_train
     cfg = Config(**args)
     modes = ("make_data", "synth", "sft", "rft", "dpo", "per_step", "eval", "all", "scaling", "bench_rollouts", "bench_dpo")
