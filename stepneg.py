@@ -17,6 +17,8 @@ LLM Math Reasoning by Eight-Fold" (NeurIPS 2024, arXiv 2406.14532). The pipeline
     torchrun --nproc_per_node 8 stepneg.py --mode per_step --model ...   # data parallel, one GPU per process
     python stepneg.py --mode bench_rollouts    # after a per_step run: first-pit saving, our sampler vs generate
     python stepneg.py --mode bench_dpo         # after a per_step run: our DPO step vs a resident reference and TRL
+    python stepneg.py --mode bench_shapes --train gsm8k_train.jsonl --max_new_tokens 256 --batch_size 8
+                                               # on a GPU: 1.5B- and 7B-shaped random models, every costly stage
 
 Sections: config, data, answer checking, model and tokenizer, sampling, steps and rollouts, losses, training
 loops, evaluation, stages, the scaling measurement, benchmark, main.
@@ -121,7 +123,8 @@ def parse_config(argv=None):
     if args["n_train"] is None:  # scaling trains SFT on up to 2^doublings n; n = 500: 26-54 min, 2 cores
         args["n_train"] = 500 if args["mode"] == "scaling" else Config.n_train
     cfg = Config(**args)
-    modes = ("make_data", "synth", "sft", "rft", "dpo", "per_step", "eval", "all", "scaling", "bench_rollouts", "bench_dpo")
+    modes = ("make_data", "synth", "sft", "rft", "dpo", "per_step", "eval", "all", "scaling", "bench_rollouts", "bench_dpo",
+             "bench_shapes")
     for name, value, allowed in [("mode", cfg.mode, modes), ("credit", cfg.credit, ("first_pit", "min_advantage")),
                                  ("pair_form", cfg.pair_form, ("step", "full"))]:
         if value not in allowed:
@@ -588,6 +591,8 @@ def load_model(cfg, path):
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
     device = pick_device(cfg)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32  # bf16 weights on GPU; losses use fp32 log-softmax
+    if device == "cuda":  # cuDNN attention plans each new sequence length anew, and decoding makes one every step:
+        torch.backends.cuda.enable_cudnn_sdp(False)  # 64 rows x 64 tokens, 1.5B shape, H200: 4.7 s with it, 1.7 without
     if path == "tiny":
         tok = tiny_tokenizer()
         torch.manual_seed(cfg.seed)
@@ -1975,6 +1980,71 @@ def bench_dpo(cfg, n_pairs=256):
     return result
 
 
+# Two real learners' shapes (their config.json values) for --mode bench_shapes: random weights, nothing downloaded.
+SHAPES = {
+    "qwen2.5-1.5b": dict(model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                         num_attention_heads=12, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "llama-2-7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32000)}
+
+
+def bench_shapes(cfg, train, shapes=SHAPES):
+    """--mode bench_shapes (meant for a GPU): a model of each shape with random weights and the tiny tokenizer, through
+    the stages that cost: sampling (64 questions), rollouts (32 first-step prefixes x M), the reference pass and
+    per-step DPO, LoRA r = 16 then full fine-tuning, on 128 per-step-shaped pairs (prompt = question + first step,
+    chosen = the rest, rejected = a corrupted second step). Random weights never write EOS: every row runs
+    --max_new_tokens. Per stage tokens/s or pairs/s, MFU and peak memory, a line each in metrics.jsonl; a stage that
+    runs out of memory is recorded as such and the next one runs."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    tok, device, rows = tiny_tokenizer(), pick_device(cfg), []
+    if device != "cuda" and shapes is SHAPES:
+        raise SystemExit("--mode bench_shapes measures 1.5B- and 7B-shaped models on a GPU; this run has none")
+    multi = [p for p in train if p["response"].count("\n") >= 2]
+    pairs = [{"prompt": PROMPT.format(question=p["question"]) + lines[0] + "\n", "chosen": "\n".join(lines[1:]),
+              "rejected": lines[1] + " + 1\n", "rejected_complete": False}
+             for p in multi[:128] for lines in [p["response"].split("\n")]]
+    prompts = {"sampling": [PROMPT.format(question=p["question"]) for p in train[:64]],
+               "rollouts": [PROMPT.format(question=p["question"]) + p["response"].split("\n")[0] + "\n"
+                            for p in multi[:32] for _ in range(cfg.rollouts)]}
+
+    def record(shape, what, **kw):
+        rows.append({"stage": "bench_shapes", "shape": shape, "what": what, **kw})
+        print(json.dumps(rows[-1]))
+        if device == "cuda":
+            torch.cuda.empty_cache(), torch.cuda.reset_peak_memory_stats()
+    for shape, kw in shapes.items():
+        torch.manual_seed(cfg.seed)
+        mc = AutoConfig.for_model(**kw, max_position_embeddings=4096, bos_token_id=tok.bos_token_id,
+                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(mc, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+        record(shape, "build", parameters=sum(p.numel() for p in model.parameters()))
+        for what, texts in prompts.items():
+            path = f"{cfg.out}/bench_shapes/{shape}_{what}.jsonl"
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            if os.path.exists(path):
+                os.remove(path)  # time every row, reuse none
+            st = cached_generate(model, tok, list(enumerate(texts)), cfg, path, cfg.seed, f"{shape} {what}")[1]
+            record(shape, what, rows=len(texts), **{k: st.get(k) for k in ("new_tokens", "tokens_per_s", "mfu", "peak_gib")})
+        t0 = time.time()
+        with_ref = with_reference_logps(model, tok, pairs, cfg, shape)
+        record(shape, "reference log-probs", pairs_per_s=round(len(pairs) / (time.time() - t0), 1),
+               **{k: v for k, v in speed(model, 0, 0, 1).items() if k == "peak_gib"})
+        for lora in (16, 0):
+            what = f"per-step DPO, {f'LoRA r = {lora}' if lora else 'full fine-tuning'}, batch {cfg.batch_size}"
+            try:
+                c = dataclasses.replace(cfg, lora_rank=lora, dpo_epochs=1, ckpt_every=10 ** 9)
+                last = train_dpo(model, tok, with_ref, c, f"{shape} dpo")["log"][-1]
+                record(shape, what, **{k: last[k] for k in ("pairs_per_s", "tokens_per_s", "mfu", "peak_gib")})
+            except torch.OutOfMemoryError:
+                model.zero_grad(set_to_none=True)
+                record(shape, what, out_of_memory=True)
+            merge_lora(model)
+        del model
+    write_jsonl(f"{cfg.out}/metrics.jsonl", rows, mode="a")
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Main.
 # ---------------------------------------------------------------------------------------------------------------
@@ -2014,9 +2084,12 @@ def main(argv=None):
     except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, not a traceback
         raise SystemExit(f"error: {e}") from None
     check_out_folder(cfg)
-    if cfg.mode in ("bench_rollouts", "bench_dpo"):
-        bench_rollouts(cfg, train) if cfg.mode == "bench_rollouts" else bench_dpo(cfg)
-        return
+    if cfg.mode == "bench_rollouts":
+        return bench_rollouts(cfg, train)
+    if cfg.mode == "bench_dpo":
+        return bench_dpo(cfg)
+    if cfg.mode == "bench_shapes":
+        return bench_shapes(cfg, train)
     if cfg.mode == "eval":
         path = cfg.init or f"{cfg.out}/sft/model"
         run_eval(cfg, test, "init" if cfg.init else "sft", path)

@@ -4,10 +4,11 @@ import math
 import os
 import time
 
-import pytest
-import torch
+os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the suite checks CPU semantics (fp32, bit-identical resumes), also on a GPU box
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
-import stepneg as sn
+import stepneg as sn  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -851,6 +852,20 @@ def test_bf16_weights_take_updates_smaller_than_their_resolution():
     assert lost[0] < 0.4 and lost[1] > 0.9, lost  # measured 0.26 (the last rounding) and 0.99
     assert torch.allclose(o2.masters[0][1], layers[0].weight, rtol=0, atol=1e-7)
     assert torch.equal(layers[1].weight, o2.masters[0][1].to(torch.bfloat16))
+
+
+def test_bench_shapes_runs_every_stage_of_a_small_shape(tmp_path):
+    train = sn.load_problems(os.path.join(HERE, "data/train.jsonl"), 20)
+    cfg = sn.Config(out=str(tmp_path), device="cpu", max_new_tokens=6, rollouts=2, batch_size=8)
+    shape = {"small": dict(model_type="qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=2, vocab_size=700)}
+    rows = sn.bench_shapes(cfg, train, shape)
+    assert [r["what"] for r in rows] == ["build", "sampling", "rollouts", "reference log-probs",
+                                        "per-step DPO, LoRA r = 16, batch 8", "per-step DPO, full fine-tuning, batch 8"]
+    assert rows[1]["new_tokens"] > 0 and rows[2]["new_tokens"] > 0 and all(r["peak_gib"] > 0 for r in rows[1:])
+    assert all(r["pairs_per_s"] > 0 and 0 < r["mfu"] < 1 for r in rows[4:])
+    saved = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["what"] for r in saved if r["stage"] == "bench_shapes"] == [r["what"] for r in rows]
 
 
 def test_memory_estimate_of_a_7b_shaped_model():
