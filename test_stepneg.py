@@ -359,13 +359,10 @@ def test_tiny_tokenizer_is_lossless_and_spells_toy_words_as_one_token():
         [" Mia", " buys", " ", "1", "2", " more"]  # digits one per token
 
 
-def test_scaling_defaults_depend_on_the_mode_and_a_given_flag_wins():
-    plain, scaling = sn.parse_config([]), sn.parse_config(["--mode", "scaling"])
-    assert (plain.n_train, plain.sft_epochs, plain.sort_len) == (1000, 16, False)
-    assert (scaling.n_train, scaling.sft_epochs, scaling.sort_len) == (500, 14, True)
-    given = sn.parse_config(["--mode", "scaling", "--n_train", "64", "--sft_epochs", "16", "--sort_len", "false"])
-    assert (given.n_train, given.sft_epochs, given.sort_len) == (64, 16, False)
-    assert sn.parse_config(["--sort_len", "true"]).sort_len is True
+def test_n_train_default_depends_on_the_mode():
+    assert sn.parse_config([]).n_train == 1000
+    assert sn.parse_config(["--mode", "scaling"]).n_train == 500
+    assert sn.parse_config(["--mode", "scaling", "--n_train", "64"]).n_train == 64
 
 
 def test_sampling_batches_keep_to_the_token_budget():
