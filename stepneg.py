@@ -17,8 +17,8 @@ LLM Math Reasoning by Eight-Fold" (NeurIPS 2024, arXiv 2406.14532). The pipeline
     torchrun --nproc_per_node 8 stepneg.py --mode per_step --model ...   # data parallel, one GPU per process
     python stepneg.py --mode bench_rollouts    # after a per_step run: first-pit saving, our sampler vs generate
     python stepneg.py --mode bench_dpo         # after a per_step run: our DPO step vs a resident reference and TRL
-    python stepneg.py --mode bench_shapes --train gsm8k_train.jsonl --max_new_tokens 256 --batch_size 8
-                                               # on a GPU: 1.5B- and 7B-shaped random models, every costly stage
+    python stepneg.py --mode bench_shapes --train gsm8k_train.jsonl ...   # on a GPU: 1.5B- and 7B-shaped random
+                                               # models through every costly stage (README: "On a GPU")
 
 Sections: config, data, answer checking, model and tokenizer, sampling, steps and rollouts, losses, training
 loops, evaluation, stages, the scaling measurement, benchmark, main.
@@ -2025,11 +2025,12 @@ def bench_shapes(cfg, train, shapes=SHAPES):
             if os.path.exists(path):
                 os.remove(path)  # time every row, reuse none
             st = cached_generate(model, tok, list(enumerate(texts)), cfg, path, cfg.seed, f"{shape} {what}")[1]
-            record(shape, what, rows=len(texts), **{k: st.get(k) for k in ("new_tokens", "tokens_per_s", "mfu", "peak_gib")})
+            record(shape, what, rows=len(texts),
+                   **{k: st.get(k) for k in ("new_tokens", "tokens_per_s", "mfu", "peak_gib")})
         t0 = time.time()
         with_ref = with_reference_logps(model, tok, pairs, cfg, shape)
         record(shape, "reference log-probs", pairs_per_s=round(len(pairs) / (time.time() - t0), 1),
-               **{k: v for k, v in speed(model, 0, 0, 1).items() if k == "peak_gib"})
+               peak_gib=speed(model, 0, 0, 1)["peak_gib"])
         for lora in (16, 0):
             what = f"per-step DPO, {f'LoRA r = {lora}' if lora else 'full fine-tuning'}, batch {cfg.batch_size}"
             try:
