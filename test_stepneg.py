@@ -1,7 +1,9 @@
 """Tests for stepneg.py. Run: python -m pytest -q"""
+import dataclasses
 import json
 import math
 import os
+import re
 import time
 
 os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the suite checks CPU semantics (fp32, bit-identical resumes), also on a GPU box
@@ -147,11 +149,6 @@ def test_is_equiv(pred, gold, expected):
     assert sn.is_equiv(pred, gold) is expected
 
 
-def test_tables_are_big_enough_and_balanced():
-    assert len(EQUIV_TABLE) >= 200 and len(EXTRACT_TABLE) >= 60
-    assert 0.3 < sum(e for _, _, e in EQUIV_TABLE) / len(EQUIV_TABLE) < 0.7
-
-
 def test_checker_is_bounded_and_never_raises():
     evil = ["9^9^9^9^9", "10^{10^{10}}", "(" * 5000, "{" * 3000 + "1", "1" * 100_000, "__import__('os').system('x')",
             "\\frac{" * 500, "x" * 200 + "!" * 50, "\\sqrt{\\sqrt{\\sqrt{" * 100, "((((((9**9**9))))))"]
@@ -173,7 +170,8 @@ def test_fuzz_checker_never_raises_and_stays_fast():
             "globals()", "().__class__.__bases__", "lambda: 0", "sympify('x')", "\\input{/etc/passwd}"]
     for s in evil:
         for wrapped in (s, f"\\boxed{{{s}}}", f"The answer is {s}"):
-            assert sn.is_equiv(sn.extract_answer(wrapped), s) in (True, False)
+            # bare, the text holds no answer; wrapped, its answer is the text itself, equal to itself
+            assert sn.is_equiv(sn.extract_answer(wrapped), s) is (wrapped != s)
             assert sn.is_equiv(s, "1") is False
     assert not os.path.exists(marker)
     slowest = 0.0
@@ -463,8 +461,94 @@ def test_killed_rollouts_resume_to_the_same_pairs(tmp_path, monkeypatch):
     assert whole and resumed == whole and acct_b["rollout_tokens"] == acct["rollout_tokens"]
 
 
+# Worked sample sets whose RFT positives, outcome pairs and per-step pairs can be written down by hand.
+REF = "7 + 5 = 12\n12 - 3 = 9\nThe answer is 9"
+
+
+def test_rft_filter_keeps_distinct_correct_samples_up_to_the_cap():
+    prob = {"question": "q", "gold": "9", "response": REF}
+    responses = [REF,                                        # the D_syn solution again: not a new positive
+                 "7 + 5 = 12\n12 - 3 = 8\nThe answer is 8",  # wrong
+                 "5 + 7 = 12\n12 - 3 = 9\nThe answer is 9",  # kept
+                 "5 + 7 = 12\n12 - 3 = 9\nSo the answer is 9",  # the same equations reworded: a near-duplicate
+                 "7 + 2 = 9\nThe answer is 9",               # kept (a spurious path, but right)
+                 "12 - 3 = 9\nThe answer is 9",              # kept
+                 "9 = 9\nThe answer is 9"]                   # right and new, but over the cap of 3
+    samples = [{"responses": responses, "correct": [1, 0, 1, 1, 1, 1, 1]}]
+    kept = [p["response"] for p in sn.rft_positives([prob], samples, cap=3)]
+    assert kept == [responses[2], responses[4], responses[5]]
+    assert [p["response"] for p in sn.rft_positives([prob], samples, cap=1)] == [responses[2]]
+    # a wrong sample flagged correct=0 is never kept, whatever its text; a problem without D_syn keeps its first
+    assert [p["response"] for p in sn.rft_positives([{**prob, "response": None}], samples, cap=8)] == \
+        [responses[i] for i in (0, 2, 4, 5, 6)]
+
+
+def test_outcome_pairs_pair_each_positive_with_its_farthest_negative():
+    right = ["7 + 5 = 12\n12 - 3 = 9\nThe answer is 9", "7 + 2 = 9\nThe answer is 9"]
+    wrong = ["7 + 5 = 12\n12 - 3 = 8\nThe answer is 8",           # 2 words from right[0]
+             "1 + 1 = 2\n2 * 2 = 4\n4 * 4 = 16\nThe answer is 16",  # the farthest from both
+             "7 + 5 = 12\nThe answer is 12"]
+    samples = [{"responses": [right[0], wrong[0], right[1], wrong[1], right[0], wrong[2]], "correct": [1, 0, 1, 0, 1, 0]},
+               {"responses": right, "correct": [1, 1]},                # no negative: no pair
+               {"responses": wrong, "correct": [0, 0, 0]}]             # no positive: no pair
+    problems = [{"question": f"q{i}", "gold": "9", "response": None} for i in range(3)]
+    assert sn.word_edit_distance(right[0], wrong[0]) == 2 and sn.word_edit_distance("a b c", "a c") == 1
+    pairs = sn.outcome_pairs(problems, samples, cap=4)
+    x = sn.PROMPT.format(question="q0")
+    assert [(p["prompt"], p["chosen"], p["rejected"], p["rejected_complete"]) for p in pairs] == \
+        [(x, right[0], wrong[1], True), (x, right[1], wrong[1], True)]  # the duplicate positive counted once
+    assert [p["chosen"] for p in sn.outcome_pairs(problems, samples, cap=1)] == [right[0]]
+
+
+LENGTHS = [3, 1, 4, 2, 6, 5, 7, 8]  # the j-th successful rollout from a prefix has this many words before its answer
+
+
+def graded_generate(model, tok, prompts, *_):
+    """A scripted policy with fractional values: from a prompt whose last step holds the marker pK, the first K of
+    its 8 rollouts in the batch succeed (Q = K/8), each success a different length, the shortest not first or last."""
+    texts, seen = [], {}
+    for p in prompts:
+        j = seen[p] = seen.get(p, -1) + 1
+        k = int(re.findall(r"p(\d)", p.split("Answer:\n", 1)[1])[-1])
+        texts.append("w " * LENGTHS[j] + "\nThe answer is 9" if j < k else "The answer is 1")
+    return texts, [len(t) for t in texts], 0
+
+
+@pytest.mark.parametrize("credit,form", [("first_pit", "step"), ("min_advantage", "step"), ("first_pit", "full")])
+def test_fractional_values_pits_and_pairs_by_hand(tmp_path, monkeypatch, credit, form):
+    """Negative 0: Q = 7/8, 3/8, 0, (0 at the end). A_i = 3/8, -4/8, -3/8, 0 from Q_0 = 1/2, so the first pit is
+    step 3 and the min-advantage step is 2. Negative 1 dies at step 1 (A = -1/2, 3/8, -3/8): chosen
+    is then the shortest correct sample at x."""
+    monkeypatch.setattr(sn, "generate", graded_generate)
+    cfg = sn.Config(rollouts=8, credit=credit, pair_form=form)
+    problems = [{"question": f"q{i}", "gold": "9", "response": None} for i in range(2)]
+    neg0, neg1 = "a p7 step\nb p3 step\nc p0 step\nThe answer is 1", "z p0 bad\nstep p3 two\nThe answer is 2"
+    long_right, short_right = "long correct sample here\nThe answer is 9", "short one\nThe answer is 9"
+    samples = [{"responses": [neg0, long_right], "correct": [0, 1]},
+               {"responses": [long_right, neg1, short_right, neg1], "correct": [1, 0, 1, 0]}]
+    negs = sn.collect_negatives(problems, samples, cap=8)
+    assert [n["response"] for n in negs] == [neg0, neg1]  # the repeated wrong sample counted once
+    Q, wins, acct = sn.step_values(None, None, problems, negs, cfg, str(tmp_path))
+    assert Q[0] == [7 / 8, 3 / 8, 0.0, 0.0] and Q[1] == [0.0, None if credit == "first_pit" else 3 / 8, 0.0]
+    assert acct["rollouts"] == 8 * (3 + 1 if credit == "first_pit" else 3 + 2)
+    pairs = sn.per_step_pairs(problems, samples, negs, Q, wins, cfg)
+    x0, x1 = sn.PROMPT.format(question="q0"), sn.PROMPT.format(question="q1")
+    shortest = "w \nThe answer is 9"  # LENGTHS[1] = 1 word: the second success, not the first or last
+    if form == "full":  # (x, a full correct solution, y-_{1:c})
+        assert [(p["prompt"], p["chosen"], p["rejected"]) for p in pairs] == [
+            (x0, long_right, "a p7 step\nb p3 step\nc p0 step\n"), (x1, short_right, "z p0 bad\n")]
+    elif credit == "first_pit":
+        assert [(p["prompt"], p["chosen"], p["rejected"], p["pit"]) for p in pairs] == [
+            (x0 + "a p7 step\nb p3 step\n", shortest, "c p0 step\n", 3), (x1, short_right, "z p0 bad\n", 1)]
+    else:
+        assert [(p["prompt"], p["chosen"], p["rejected"], p["pit"]) for p in pairs] == [
+            (x0 + "a p7 step\n", shortest, "b p3 step\n", 2), (x1, short_right, "z p0 bad\n", 1)]
+    assert all(p["rejected_complete"] is False for p in pairs)
+    assert pairs[0]["q"] == [0.5] + Q[0]  # Q_0 = the k samples' success rate at x
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# Losses
+# Losses, training loops, evaluation
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -500,7 +584,7 @@ def test_branched_pair_logps_equal_two_full_forwards():
 
 
 def test_dpo_training_raises_chosen_over_rejected():
-    cfg = sn.Config(d_model=32, n_layers=1, n_heads=2, batch_size=4, dpo_epochs=8, dpo_lr=3e-3, beta=0.5, log_every=100)
+    cfg = sn.Config(d_model=32, n_layers=1, n_heads=2, batch_size=4, dpo_epochs=8, dpo_lr=3e-3, beta=0.5, log_every=1)
     model, tok = sn.load_model(cfg, "tiny")
     pairs = [{"prompt": "Question: 2+2?\nAnswer:\n", "chosen": "2 + 2 = 4\nThe answer is 4", "rejected": "2 + 2 = 5\n",
               "rejected_complete": False}] * 4
@@ -510,7 +594,94 @@ def test_dpo_training_raises_chosen_over_rejected():
     log = sn.train_dpo(model, tok, pairs, cfg, "dpo-test")["log"]
     with torch.no_grad():
         c1, r1 = sn.dpo_logps(model, tok, enc, cfg, "cpu")
-    assert (c1 - c0).mean() > (r1 - r0).mean() and log[-1]["loss"] < math.log(2)
+    assert (c1 - c0).mean() > (r1 - r0).mean() + 1.0
+    assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-4) and log[-1]["loss"] < math.log(2) - 0.2
+
+
+def test_dpo_loss_matches_a_hand_computed_value():
+    """beta 0.5; log-probs chosen (-1, -2), rejected (-3, -1); reference chosen (-2, -2), rejected (-2, -3).
+    Rewards beta (pi - ref): chosen (0.5, 0), rejected (-0.5, 1); margins (1, -1);
+    loss = mean(log(1 + e^-1), log(1 + e^1)); d loss / d pi(chosen)_i = -beta sigma(-margin_i) / 2."""
+    pc, pr = torch.tensor([-1.0, -2.0], requires_grad=True), torch.tensor([-3.0, -1.0], requires_grad=True)
+    loss, cr, rr = sn.dpo_loss(pc, pr, torch.tensor([-2.0, -2.0]), torch.tensor([-2.0, -3.0]), beta=0.5)
+    assert abs(loss.item() - (math.log(1 + math.exp(-1)) + math.log(1 + math.exp(1))) / 2) < 1e-6
+    assert cr.tolist() == [0.5, 0.0] and rr.tolist() == [-0.5, 1.0]
+    loss.backward()
+    sig = lambda z: 1 / (1 + math.exp(-z))  # noqa: E731
+    want = [-0.5 * sig(-1) / 2, -0.5 * sig(1) / 2]
+    assert torch.allclose(pc.grad, torch.tensor(want)) and torch.allclose(pr.grad, -torch.tensor(want))
+
+
+def test_sft_loss_is_the_mean_nll_of_masked_tokens():
+    logps = torch.tensor([[-1.0, -2.0, -3.0], [-4.0, -5.0, -6.0]])
+    mask = torch.tensor([[0.0, 1.0, 1.0], [0.0, 0.0, 1.0]])
+    assert sn.sft_loss(logps, mask).item() == pytest.approx((2 + 3 + 6) / 3)
+    assert sn.sft_loss(logps, mask, torch.tensor(6.0)).item() == pytest.approx(11 / 6)  # a micro-batch's share
+
+
+def response_nll(model, tok, examples):
+    """Mean -log pi(token) over the response tokens (and EOS) of [{"question", "response"}], computed here from
+    the model's logits directly: the reference the training loop's own masking and loss are checked against."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for e in examples:
+            p = tok(sn.PROMPT.format(question=e["question"]))["input_ids"]
+            r = tok(e["response"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            logp = torch.log_softmax(model(input_ids=torch.tensor([p + r])).logits[0].float(), -1)
+            total -= sum(logp[len(p) - 1 + t, tok_id].item() for t, tok_id in enumerate(r))
+            count += len(r)
+    return total / count
+
+
+SUMS = [{"question": f"What is {a} plus {b}?", "response": f"{a} + {b} = {a + b}\nThe answer is {a + b}"}
+        for a, b in [(3, 4), (12, 5), (7, 7), (20, 9), (6, 15), (8, 1), (30, 2), (4, 44)]]
+
+
+def test_sft_trains_on_response_tokens_only_and_lowers_their_nll():
+    cfg = sn.Config(d_model=32, n_layers=1, n_heads=2, batch_size=8, log_every=1)
+    model, tok = sn.load_model(cfg, "tiny")
+    before = response_nll(model, tok, SUMS)
+    log = sn.train_sft(model, tok, SUMS, cfg, 40, 1e-2, "sft-test")["log"]
+    # the first step's loss is the untrained model's mean NLL over response tokens: not prompt tokens, not summed
+    assert log[0]["loss"] == pytest.approx(before, abs=1e-3)
+    assert response_nll(model, tok, SUMS) < before / 2 and log[-1]["loss"] < log[0]["loss"] / 2
+
+
+def test_evaluation_is_greedy_and_counts_right_and_unparsable_answers(tmp_path, monkeypatch):
+    problems = [{"question": f"q{i}", "gold": g, "response": None} for i, g in enumerate(["9", "0.5", "4", "7"])]
+    answers = {"q0": "9 - 0 = 9\nThe answer is 9", "q1": "The answer is \\frac{1}{2}", "q2": "2 + 2 = 5\nThe answer is 5",
+               "q3": "I am not sure"}
+    temperatures = []
+
+    def scripted(model, tok, prompts, temperature, *_):
+        temperatures.append(temperature)
+        texts = [answers[p.split("Question: ")[1].split("\n")[0]] for p in prompts]
+        return texts, [1] * len(texts), 0
+    monkeypatch.setattr(sn, "generate", scripted)
+    cfg = sn.Config(temperature=0.9)
+    result = sn.evaluate(None, None, problems, cfg, str(tmp_path / "eval.jsonl"), "eval")
+    assert result == {"accuracy": 0.5, "unparsable": 1, "n_test": 4}
+    assert temperatures and set(temperatures) == {0.0}  # greedy, whatever --temperature says
+    assert [r["correct"] for r in sn.read_jsonl(str(tmp_path / "eval.jsonl"))] == [1, 1, 0, 0]
+
+
+def test_dpo_trains_against_the_stored_reference_not_the_moving_policy():
+    """The first step's loss is the DPO loss of the untrained policy against the reference log-probs the pairs
+    carry; shifting the stored reference by (+2, -1) nats moves it to -log sigma(beta (-2 - 1)) exactly."""
+    cfg = sn.Config(d_model=32, n_layers=1, n_heads=2, batch_size=4, dpo_epochs=1, dpo_lr=1e-3, beta=0.5, log_every=1)
+    model, tok = sn.load_model(cfg, "tiny")
+    pairs = [{"prompt": "Question: 2+2?\nAnswer:\n", "chosen": "2 + 2 = 4\nThe answer is 4", "rejected": "2 + 2 = 5\n",
+              "rejected_complete": False}] * 4
+    with_ref = sn.with_reference_logps(model, tok, pairs, cfg, "ref")
+    with torch.no_grad():
+        c, r = sn.dpo_logps(model, tok, sn.pair_batches(tok, pairs), cfg, "cpu")
+    assert [p["ref_chosen_logps"] for p in with_ref] == pytest.approx(c.tolist(), abs=1e-4)
+    assert [p["ref_rejected_logps"] for p in with_ref] == pytest.approx(r.tolist(), abs=1e-4)
+    shifted = [{**p, "ref_chosen_logps": p["ref_chosen_logps"] + 2, "ref_rejected_logps": p["ref_rejected_logps"] - 1}
+               for p in with_ref]
+    log = sn.train_dpo(model, tok, shifted, cfg, "dpo-test")["log"]
+    assert log[0]["loss"] == pytest.approx(math.log(1 + math.exp(1.5)), abs=1e-3)
+    assert log[0]["chosen_reward"] == pytest.approx(-1.0, abs=1e-3) and log[0]["rejected_reward"] == pytest.approx(0.5, abs=1e-3)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -550,7 +721,8 @@ def test_scripted_policy_run_builds_pairs_and_trains(tmp_path, monkeypatch):
     out = str(tmp_path / "run")
     sn.main(MINI + ["--mode", "all", "--out", out, "--sort_len", "true", "--gen_tokens", "3000"])
     pairs = sn.read_jsonl(os.path.join(out, "per_step/pairs.jsonl"))
-    assert pairs and all(not p["rejected"].endswith("</s>") for p in pairs)
+    tok = sn.tiny_tokenizer()  # EOS ends chosen (a complete solution), never a rejected partial step
+    assert pairs and all(c[1][-1] == tok.eos_token_id != r[1][-1] for c, r in sn.pair_batches(tok, pairs))
     assert all(p["ref_chosen_logps"] < 0 and p["ref_rejected_logps"] < 0 for p in pairs)  # pi_sft's, stored with them
     assert sn.read_jsonl(os.path.join(out, "dpo/pairs.jsonl"))
     assert "| per_step |" in open(os.path.join(out, "summary.md")).read()
@@ -946,3 +1118,84 @@ def test_torchrun_two_cpu_processes_match_one(tmp_path):
     acc = [[json.loads(line).get("accuracy") for line in open(f"{d}/metrics.jsonl")] for d in (one, two)]
     assert acc[0] == acc[1]
 
+
+def test_lora_starts_exactly_as_the_base():
+    model, tok = tiny_lm()
+    ids = torch.tensor([[1, 40, 41, 42, 43]])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        sn.add_lora(model, 4)
+        assert torch.equal(model(input_ids=ids).logits, before)
+
+
+def test_schedule_warms_up_then_decays_linearly_to_zero():
+    layer = torch.nn.Linear(2, 2)
+    opt, sched = sn.make_optimizer(layer, 1.0, 40)
+    lrs = []
+    for _ in range(40):
+        lrs.append(opt.param_groups[0]["lr"])
+        layer.weight.grad = torch.ones_like(layer.weight)
+        sn.optimizer_step(opt, sched)
+    warm = 2  # 5% of 40 steps
+    assert lrs == pytest.approx([(s + 1) / warm if s < warm else (40 - s) / (40 - warm) for s in range(40)])
+
+
+def test_gradients_are_clipped_to_norm_one_before_the_step():
+    layer = torch.nn.Linear(4, 4, bias=False)
+    opt, sched = sn.make_optimizer(layer, 1e-3, 10)
+    norms = []
+    opt.register_step_pre_hook(lambda o, *_: norms.append(torch.cat([p.grad.flatten() for p in o.param_groups[0]["params"]])
+                                                          .norm().item()))
+    for scale in (100.0, 0.5):
+        layer.weight.grad = torch.full((4, 4), scale / 4)  # norm = scale
+        sn.optimizer_step(opt, sched)
+    assert norms == pytest.approx([1.0, 0.5], rel=1e-5)
+
+
+def test_fp32_masters_come_back_on_resume(tmp_path):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(16, 16, bias=False).to(torch.bfloat16)
+    opt, sched = sn.make_optimizer(layer, 1e-4, 50)
+    for _ in range(5):
+        layer.weight.grad = torch.randn(16, 16).to(torch.bfloat16)
+        sn.optimizer_step(opt, sched)
+    master = opt.masters[0][1].clone()
+    assert not torch.equal(master, layer.weight.float())  # the bits bf16 rounded off
+    sn.save_train_state(str(tmp_path / "state.pt"), layer, opt, sched, 5, {})
+    fresh = torch.nn.Linear(16, 16, bias=False).to(torch.bfloat16)
+    opt2, sched2 = sn.make_optimizer(fresh, 1e-4, 50)
+    assert sn.load_train_state(str(tmp_path / "state.pt"), fresh, opt2, sched2, {}) == 5
+    assert torch.equal(opt2.masters[0][1], master) and torch.equal(fresh.weight, layer.weight)
+
+
+def test_cached_rows_are_redone_for_another_seed_or_length(tmp_path):
+    cfg = sn.Config(d_model=32, n_layers=1, n_heads=2, gen_batch=4, max_new_tokens=8)
+    model, tok = sn.load_model(cfg, "tiny")
+    rows = [(str(i), f"Question: {i}\nAnswer:\n") for i in range(6)]
+    path = str(tmp_path / "gen.jsonl")
+    sn.cached_generate(model, tok, rows, cfg, path, 0, "a")
+    assert sn.cached_generate(model, tok, rows, cfg, path, 0, "a")[1]["new_tokens"] == 0
+    assert sn.cached_generate(model, tok, rows, cfg, path, 1, "a")[1]["new_tokens"] > 0
+    longer = sn.Config(d_model=32, n_layers=1, n_heads=2, gen_batch=4, max_new_tokens=9)
+    assert sn.cached_generate(model, tok, rows, longer, path, 1, "a")[1]["new_tokens"] > 0
+
+
+# Every setting that changes what a stage computes must be refused against a folder made with another value.
+NOT_RESULTS = {"mode", "out", "device", "log_every", "ckpt_every", "doublings", "seeds"}
+
+
+def test_every_result_setting_is_checked_against_an_existing_folder(tmp_path):
+    sn.check_out_folder(sn.Config(out=str(tmp_path)))
+    for f in dataclasses.fields(sn.Config):
+        if f.name == "out":
+            continue
+        value = f.default
+        other = (not value if isinstance(value, bool) else value + 1 if isinstance(value, (int, float))
+                 else value + "-other")
+        cfg = dataclasses.replace(sn.Config(out=str(tmp_path)), **{f.name: other})
+        if f.name in NOT_RESULTS:
+            sn.check_out_folder(cfg)
+            sn.check_out_folder(sn.Config(out=str(tmp_path)))
+        else:
+            with pytest.raises(SystemExit, match=f"--{f.name} "):
+                sn.check_out_folder(cfg)
