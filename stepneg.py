@@ -1772,7 +1772,7 @@ def run_scaling(cfg, train, test):
     """--mode scaling: per seed, SFT on the first n, 2n, ..., 2^d n problems (nested), RFT / outcome DPO / per-step DPO
     from the SFT model on the first n, RFT again with per-step's sampling budget (samples + rollouts, counted in
     generated tokens), and on the toy per-step DPO once more with the true pits (oracle_pairs). Every model on the
-    same test split; the multipliers, budgets and credit checks -> scaling.md."""
+    same test split; the multipliers, budgets and credit checks -> scaling.md, the picture -> scaling.svg."""
     t0, n = time.time(), cfg.n_train
     sizes = [n * 2 ** d for d in range(cfg.doublings + 1)]
     if n < 1 or len(train) < sizes[-1]:
@@ -1824,7 +1824,8 @@ def run_scaling(cfg, train, test):
     write_jsonl(f"{cfg.out}/metrics.jsonl", rows + credit, mode="a")
     text = scaling_table(rows, credit, sizes, time.time() - t0)
     write_text(f"{cfg.out}/scaling.md", text + "\n")
-    print("\n" + text)
+    write_text(f"{cfg.out}/scaling.svg", scaling_svg(rows, sizes))
+    print("\n" + text + f"\n\npicture: {cfg.out}/scaling.svg")
     return rows, credit
 
 
@@ -1858,6 +1859,66 @@ def scaling_table(rows, credit, sizes, seconds):
             lines.append(f"- seed {c['seed']}: pit positions {c['pit_histogram']}, first wrong step "
                          f"{c['first_wrong_histogram']}")
     return "\n".join(lines)
+
+
+COLOURS = {"sft": "#333333", "rft": "#1f77b4", "rft_budget": "#17becf", "dpo": "#ff7f0e", "per_step": "#d62728",
+           "per_step_oracle": "#9467bd"}
+
+
+def scaling_svg(rows, sizes):
+    """The headline picture as hand-written SVG: SFT test error against problems (log axis), seeds as faint points,
+    with the line fitted to them (mean a, b over seeds); each method's mean error at n as a point, joined by a dashed
+    line to a ring at n', the SFT size the fit says reaches that error. Points carry data-* attributes (the numbers)."""
+    W, H, left, right, top, bottom = 680, 420, 64, 150, 20, 52
+    is_sft = lambda r: r["method"] == "sft" or r["method"].startswith("sft_")  # noqa: E731
+    methods = list(dict.fromkeys(r["method"] for r in rows if not is_sft(r)))
+    mean = lambda vs: sum(vs) / len(vs)  # noqa: E731
+    eq = {m: [r["sft_equivalent_problems"] for r in rows if r["method"] == m and r["sft_equivalent_problems"]]
+          for m in methods}
+    xs = sizes + [math.exp(mean([math.log(e) for e in v])) for v in eq.values() if v]
+    lo, hi = math.log(min(xs)) - 0.15, math.log(max(xs)) + 0.15
+    errs = [1 - r["accuracy"] for r in rows]
+    e_lo, e_hi = max(0.0, min(errs) - 0.05), min(1.0, max(errs) + 0.05)
+    X = lambda m: left + (math.log(m) - lo) / (hi - lo) * (W - left - right)              # noqa: E731
+    Y = lambda e: top + (e_hi - e) / max(1e-9, e_hi - e_lo) * (H - top - bottom)            # noqa: E731
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">',
+           f'<rect width="{W}" height="{H}" fill="white"/>',
+           f'<line x1="{left}" y1="{H - bottom}" x2="{W - right}" y2="{H - bottom}" stroke="black"/>',
+           f'<line x1="{left}" y1="{top}" x2="{left}" y2="{H - bottom}" stroke="black"/>',
+           f'<text x="{(left + W - right) / 2}" y="{H - 12}" text-anchor="middle">training problems (log scale)</text>',
+           f'<text x="16" y="{(top + H - bottom) / 2}" transform="rotate(-90 16 {(top + H - bottom) / 2})" '
+           f'text-anchor="middle">test error</text>']
+    for m in sizes:
+        out.append(f'<text x="{X(m):.1f}" y="{H - bottom + 16}" text-anchor="middle">{m}</text>')
+    for k in range(5):
+        e = e_lo + k * (e_hi - e_lo) / 4
+        out.append(f'<text x="{left - 6}" y="{Y(e) + 4:.1f}" text-anchor="end">{e:.2f}</text>')
+    a, b = mean([r["fit_a"] for r in rows]), mean([r["fit_b"] for r in rows])
+    x0, x1 = min(sizes), math.exp(hi)
+    out.append(f'<line x1="{X(x0):.1f}" y1="{Y(a + b * math.log(x0)):.1f}" x2="{X(x1):.1f}" '
+               f'y2="{Y(a + b * math.log(x1)):.1f}" stroke="{COLOURS["sft"]}" data-fit="{a:.4f} {b:.4f}"/>')
+    for r in rows:  # every seed's measurement, faint
+        if r["accuracy"] is not None:
+            out.append(f'<circle cx="{X(r["problems"]):.1f}" cy="{Y(1 - r["accuracy"]):.1f}" r="3" fill="'
+                       f'{COLOURS.get("sft" if is_sft(r) else r["method"], "gray")}" fill-opacity="0.3" '
+                       f'data-seed="{r["seed"]}" data-method="{r["method"]}"/>')
+    out += [f'<line x1="{W - right + 8}" y1="{top + 10}" x2="{W - right + 20}" y2="{top + 10}" stroke="{COLOURS["sft"]}"/>',
+            f'<text x="{W - right + 24}" y="{top + 14}">SFT on {sizes[0]}..{sizes[-1]}</text>']
+    for i, m in enumerate(methods, 1):
+        rs, colour = [r for r in rows if r["method"] == m], COLOURS.get(m, "gray")
+        e, n = mean([1 - r["accuracy"] for r in rs]), rs[0]["problems"]
+        out.append(f'<circle cx="{X(n):.1f}" cy="{Y(e):.1f}" r="5" fill="{colour}" data-method="{m}" '
+                   f'data-problems="{n}" data-error="{e:.4f}"/>')
+        if eq[m]:
+            n_eq = math.exp(mean([math.log(v) for v in eq[m]]))  # geometric mean over seeds
+            out.append(f'<line x1="{X(n):.1f}" y1="{Y(e):.1f}" x2="{X(n_eq):.1f}" y2="{Y(e):.1f}" stroke="{colour}" '
+                       f'stroke-dasharray="4 3"/>')
+            out.append(f'<circle cx="{X(n_eq):.1f}" cy="{Y(e):.1f}" r="6" fill="none" stroke="{colour}" '
+                       f'stroke-width="2" data-method="{m}" data-equivalent="{n_eq:.0f}"/>')
+        label = f"{m}: {n_eq / n:.2g}x" if eq[m] else f"{m}: n/a"
+        out += [f'<circle cx="{W - right + 14}" cy="{top + 10 + 18 * i}" r="5" fill="{colour}"/>',
+                f'<text x="{W - right + 24}" y="{top + 14 + 18 * i}">{label}</text>']
+    return "\n".join(out + ["</svg>"]) + "\n"
 
 
 @torch.no_grad()

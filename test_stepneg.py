@@ -807,6 +807,23 @@ def test_scaling_mode_reports_the_multipliers_of_synthetic_curves(tmp_path, monk
     table = open(os.path.join(out, "scaling.md")).read()
     assert "| per_step | 4 |" in table and "8 ± 0 |" in table
     assert [json.loads(x)["stage"] for x in open(os.path.join(out, "metrics.jsonl"))].count("scaling") == 16
+    # the picture: well-formed, each point where its numbers put it on a log axis
+    import xml.etree.ElementTree as ET
+    svg = ET.parse(os.path.join(out, "scaling.svg")).getroot()
+    circles = [c.attrib for c in svg.iter("{http://www.w3.org/2000/svg}circle")]
+    sft_x = {r["problems"]: float(c["cx"]) for c in circles if c.get("data-method", "").startswith("sft")
+             for r in rows if r["method"] == c["data-method"]}
+    mean_pt = {c["data-method"]: c for c in circles if "data-error" in c}
+    ring = {c["data-method"]: c for c in circles if "data-equivalent" in c}
+    assert set(mean_pt) == {"rft", "dpo", "per_step", "rft_budget", "per_step_oracle"} and len(sft_x) == 3
+    assert float(ring["rft"]["cx"]) == pytest.approx(sft_x[8], abs=0.1)        # RFT on n is worth SFT on 2n
+    assert float(ring["rft_budget"]["cx"]) == pytest.approx(sft_x[16], abs=0.1)
+    step = sft_x[8] - sft_x[4]                                                   # one doubling, on a log axis
+    assert sft_x[16] - sft_x[8] == pytest.approx(step, abs=0.2)
+    assert float(ring["per_step"]["cx"]) == pytest.approx(sft_x[16] + step, abs=0.2)  # 8n: past the last SFT size
+    assert float(mean_pt["per_step"]["cx"]) == pytest.approx(sft_x[4], abs=0.1)
+    assert float(mean_pt["rft_budget"]["cy"]) == pytest.approx(float(ring["rft_budget"]["cy"]))
+    assert float(mean_pt["per_step"]["cy"]) > float(mean_pt["rft"]["cy"]) > float(mean_pt["dpo"]["cy"])  # less error, lower
     steps = [sn.stage_done(sn.Config(out=f"{out}/seed0/{d}"), s)["log"][-1]["step"]
              for d, s in [("n4", "sft"), ("n16", "sft"), ("n4", "rft"), ("rft_budget", "rft")]]
     assert steps == [2, 2, 2, 2]  # compute-matched: every SFT and RFT the same number of optimizer steps
