@@ -340,8 +340,7 @@ def extract_answer(text):
     answer = max(found, key=lambda pa: pa[0])[1]
     if "\\boxed" in answer or "\\fbox" in answer:  # "The answer is $\boxed{5}$"
         answer = extract_answer(answer) or answer
-    answer = answer.strip().strip("$").strip()
-    answer = re.sub(r"\.$", "", answer).strip()
+    answer = re.sub(r"\.$", "", answer.strip().strip("$").strip()).strip().strip("$").strip()  # "$35$." -> "35"
     return answer or None
 
 
@@ -351,18 +350,26 @@ def _normalize(s):
     for a, b in [("−", "-"), ("π", "\\pi"), ("∞", "\\infty"), ("\\left", ""), ("\\right", ""), ("\\!", ""),
                  ("\\,", ""), ("\\;", ""), ("\\:", ""), ("\\ ", " "), ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"),
                  ("\\displaystyle", ""), ("\\$", ""), ("$", ""), ("^\\circ", ""), ("^{\\circ}", ""), ("°", ""),
-                 ("\\mathrm{", "\\text{"), ("\\textbf{", "\\text{"), ("\\mbox{", "\\text{"), ("\\leq", "<="),
-                 ("\\geq", ">="), ("\\lbrace", "\\{"), ("\\rbrace", "\\}")]:
+                 ("\\mathrm{", "\\text{"), ("\\textbf{", "\\text{"), ("\\mbox{", "\\text{"), ("\\textnormal{", "\\text{"),
+                 ("\\cfrac", "\\frac"), ("\\dbinom", "\\binom"), ("\\tbinom", "\\binom"), ("{,}", ","),
+                 ("\\leq", "<="), ("\\geq", ">="), ("\\le", "<="), ("\\ge", ">="), ("\\lt", "<"), ("\\gt", ">"),
+                 ("\\neq", "!="), ("\\ne", "!="), ("\\lbrace", "\\{"), ("\\rbrace", "\\}"), ("\\mp", "\\pm")]:
         s = s.replace(a, b)
     s = re.sub(r"\\text\{\s*([^{}]*)\}", r" \1", s).strip()
     s = re.sub(r"^(-?[\d.]+)\s*(\\times|\\cdot)\s*10\^\{?(-?\d+)\}?$", r"\1e\3", s)  # "1.5 \times 10^{3}" -> "1.5e3"
     s = re.sub(r"\s*(degrees?|percent|dollars?|units?|cents?)\s*$", "", s)
-    s = re.sub(r"^([a-zA-Z]|\\[a-z]+)\s*(=|\\in)\s*", "", s)    # "x = 2" -> "2", "x \in [0, 1]" -> "[0, 1]"
     s = re.sub(r"\\(frac|sqrt)\s*(\w)(\w)?", lambda m: f"\\{m[1]}{{{m[2]}}}" + (f"{{{m[3]}}}" if m[3] else ""), s)
     s = re.sub(r"_\{(\w+)\}", r"_\1", s)                         # "101_{2}" -> "101_2"
-    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s.replace(" ", "")):
-        s = s.replace(",", "").replace(" ", "")                # thousands separators
-    m = re.fullmatch(r"(-?[\d.]+)\s+([a-zA-Z][a-zA-Z ]*)(\^?\{?\d\}?)?", s)
+    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s.replace(" ", "")) or \
+            re.fullmatch(r"-?\d{1,3}([ \u2009\u202f]\d{3})+(\.\d+)?", s):
+        s = re.sub(r"[, \u2009\u202f]", "", s)                 # thousands separators: 12,500  12 500  12{,}500
+    m = re.fullmatch(r"(-?)(\d*)\.(\d*)\\overline\{(\d+)\}", s)
+    if m:                                                      # 0.1\overline{6} -> 1/6, exactly
+        sign, whole, fixed, rep = m.groups()
+        value = (int(whole or 0) + (Fraction(int(fixed or 0)) + Fraction(int(rep), 10 ** len(rep) - 1)) /
+                 10 ** len(fixed))
+        s = sign + f"{value.numerator}/{value.denominator}"
+    m = re.fullmatch(r"(-?[\d.]+)\s+([a-zA-Z][a-zA-Z ]*)(\^\{?\d\}?)?", s)
     if m:                                                      # "18 apples", "5 cm^2" -> the number
         s = m.group(1)
     return s.strip().rstrip(".").strip()
@@ -370,6 +377,9 @@ def _normalize(s):
 
 def _matrix(s):
     """Normalised "\\begin{pmatrix} 1 & 2 \\n 3 & 4 \\end{pmatrix}" -> [["1", "2"], ["3", "4"]]; None if not one."""
+    s = re.sub(r"^[(\[]\s*(\\begin\{(?:array\}\{[lcr|]*|[pbvB]?matrix)\}.*\\end\{(?:array|[pbvB]?matrix)\})\s*[)\]]$", r"\1",
+               s.strip(), flags=re.S)                         # [array], (pmatrix): the brackets are the matrix's
+    s = re.sub(r"^\\begin\{array\}\{[lcr|]*\}(.*)\\end\{array\}$", r"\\begin{matrix}\1\\end{matrix}", s, flags=re.S)
     m = re.fullmatch(r"\\begin\{[pbvB]?matrix\}(.*)\\end\{[pbvB]?matrix\}", s.strip(), re.S)
     if not m:
         return None
@@ -377,7 +387,7 @@ def _matrix(s):
 
 
 _NUMBER = re.compile(r"-?(\d+\.?\d*|\.\d+)([eE][-+]?\d{1,3})?")
-_SAFE_NAMES = {"sqrt", "pi", "oo", "sin", "cos", "tan", "log", "exp"}
+_SAFE_NAMES = {"sqrt", "pi", "oo", "sin", "cos", "tan", "csc", "sec", "cot", "log", "exp", "factorial", "binomial"}
 
 
 def _latex_to_sympy(s):
@@ -386,10 +396,13 @@ def _latex_to_sympy(s):
     if len(s) > 200:
         return None
     for _ in range(20):  # innermost-first rewriting of \frac{a}{b} and \sqrt{a}; bounded
-        m = re.search(r"\\frac\{([^{}]*)\}\{([^{}]*)\}", s) or re.search(r"\\sqrt\[([^{}\[\]]*)\]\{([^{}]*)\}", s)
-        if m:  # \frac{a}{b} -> ((a)/(b)),  \sqrt[n]{a} -> ((a)**(1/(n)))
-            s = s[:m.start()] + (f"(({m[1]})/({m[2]}))" if m[0].startswith("\\frac") else
-                                 f"(({m[2]})**(1/({m[1]})))") + s[m.end():]
+        m = re.search(r"\\(frac|binom)\{([^{}]*)\}\{([^{}]*)\}", s)
+        if m:  # \frac{a}{b} -> ((a)/(b)),  \binom{n}{k} -> binomial((n),(k))
+            s = s[:m.start()] + (f"(({m[2]})/({m[3]}))" if m[1] == "frac" else f"binomial(({m[2]}),({m[3]}))") + s[m.end():]
+            continue
+        m = re.search(r"\\sqrt\[([^{}\[\]]*)\]\{([^{}]*)\}", s)
+        if m:  # \sqrt[n]{a} -> ((a)**(1/(n)))
+            s = s[:m.start()] + f"(({m[2]})**(1/({m[1]})))" + s[m.end():]
             continue
         m = re.search(r"\\sqrt\{([^{}]*)\}", s)
         if not m:
@@ -397,9 +410,16 @@ def _latex_to_sympy(s):
         s = s[:m.start()] + f"(sqrt(({m[1]})))" + s[m.end():]
     for a, b in [("\\cdot", "*"), ("\\times", "*"), ("\\div", "/"), ("\\pi", "pi"), ("\\infty", "oo"), ("^", "**"),
                  ("{", "("), ("}", ")"), ("\\sin", "sin"), ("\\cos", "cos"), ("\\tan", "tan"), ("\\ln", "log"),
-                 ("\\log", "log"), ("\\exp", "exp")]:
+                 ("\\log", "log"), ("\\exp", "exp"), ("\\csc", "csc"), ("\\sec", "sec"), ("\\cot", "cot")]:
         s = s.replace(a, b)
-    if not re.fullmatch(r"[0-9a-zA-Z+\-*/().\s]*", s) or not s.strip():
+    if re.search(r"[\d+\-*/]", s):  # in an expression, "ab" is a times b (a bare word stays a word: "yes" != "y e s")
+        s = re.sub(r"(?<![a-zA-Z])[a-zA-Z]{2,3}(?![a-zA-Z])", lambda m: m[0] if m[0] in _SAFE_NAMES else "*".join(m[0]), s)
+    if re.search(r"!\s*!|\)\s*!|\d{4,}\s*!", s):
+        return None                                         # 100!!!, (n)!, 5000!: towers and giants, refused
+    s = re.sub(r"(\d+)\s*!", r"factorial(\1)", s)           # 4! -> factorial(4)
+    if "binomial" in s and re.search(r"\d{5,}", s):
+        return None                                         # \binom{999999999}{500000}: too big to evaluate in time
+    if not re.fullmatch(r"[0-9a-zA-Z+\-*/().,\s]*", s) or not s.strip() or ("," in s and "binomial" not in s):
         return None
     if any(len(w) > 1 and w not in _SAFE_NAMES for w in re.findall(r"[a-zA-Z]+", s)):
         return None                                         # only single-letter symbols and known functions
@@ -432,7 +452,8 @@ def _with_time_limit(seconds, fn, *args):
         signal.signal(signal.SIGALRM, old)
 
 
-def _sympy_equal(a, b):
+def _parse(text):
+    """Whitelisted sympy syntax (from _latex_to_sympy) -> a sympy expression. Call under _with_time_limit."""
     # imported by the caller first, outside the time limit: an import cut short by the alarm would leave sympy
     # half-initialised for the rest of the run
     import sympy
@@ -444,10 +465,25 @@ def _sympy_equal(a, b):
     # except e and i, which MATH answers use for Euler's number and the imaginary unit
     names = {c: sympy.Symbol(c) for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"}
     names.update({"e": sympy.E, "i": sympy.I, "sqrt": sympy.sqrt, "pi": sympy.pi, "oo": sympy.oo, "sin": sympy.sin,
-                  "cos": sympy.cos, "tan": sympy.tan, "log": sympy.log, "exp": sympy.exp})
-    x, y = (parse_expr(t, local_dict=dict(names), transformations=tr, evaluate=True) for t in (a, b))
-    diff = sympy.simplify(x - y)
-    return diff == 0
+                  "cos": sympy.cos, "tan": sympy.tan, "log": sympy.log, "exp": sympy.exp, "factorial": sympy.factorial,
+                  "binomial": sympy.binomial, "csc": sympy.csc, "sec": sympy.sec, "cot": sympy.cot})
+    return parse_expr(text, local_dict=names, transformations=tr, evaluate=True)
+
+
+def _sympy_equal(a, b):
+    import sympy
+    return sympy.simplify(_parse(a) - _parse(b)) == 0
+
+
+def _rounds_to(exact, decimal):
+    """Does the exact value (sympy syntax) round, half away from zero, to this decimal at its own precision?
+    ("2/3", "0.666667") -> True; ("2/3", "0.666666") -> False (truncated, not rounded)"""
+    from decimal import Decimal, ROUND_HALF_UP
+    value = _parse(exact).evalf(40)
+    if not value.is_real or not value.is_finite:
+        return False
+    d = Decimal(decimal)
+    return Decimal(str(value)).quantize(d, rounding=ROUND_HALF_UP) == d
 
 
 def _split_top(s):
@@ -483,6 +519,9 @@ def _equal_scalar(a, b):
         return a.lower().replace(" ", "") == b.lower().replace(" ", "")
     importlib.import_module("sympy.parsing.sympy_parser")  # slow the first time: outside the limit (_sympy_equal)
     try:
+        for x, y in ((a, sb), (b, sa)):  # a decimal of 6+ significant digits equals the exact value it rounds to
+            if _NUMBER.fullmatch(x) and "." in x and len(x.replace("-", "").replace(".", "").lstrip("0")) >= 6:
+                return _with_time_limit(0.5, _rounds_to, y, x)
         return bool(_with_time_limit(0.5, _sympy_equal, sa, sb))
     except Exception:  # _Timeout, sympy's SyntaxError/TypeError/...: a malformed answer is simply not equal
         return a.replace(" ", "") == b.replace(" ", "")
@@ -499,7 +538,7 @@ def _equal_structured(a, b):
         xs, ys = a.split("\\cup"), b.split("\\cup")
         return len(xs) == len(ys) and all(_equal_structured(x.strip(), y.strip()) for x, y in zip(xs, ys))
     brackets = ("()", "[]", "(]", "[)")
-    if a[:1] + a[-1:] in brackets or b[:1] + b[-1:] in brackets:
+    if (a[:1] + a[-1:] in brackets and len(_split_top(a)) == 1) or (b[:1] + b[-1:] in brackets and len(_split_top(b)) == 1):
         xs, ys = _split_top(a[1:-1]), _split_top(b[1:-1])
         if len(xs) > 1 or len(ys) > 1:                      # tuples and intervals: in order, brackets must match
             return a[:1] + a[-1:] == b[:1] + b[-1:] and len(xs) == len(ys) and \
@@ -508,19 +547,96 @@ def _equal_structured(a, b):
         a = a[2:-2]
     if b.startswith("\\{") and b.endswith("\\}"):
         b = b[2:-2]
-    xs, ys = _split_top(a), _split_top(b)
+    xs, ys = [x.strip() for x in _split_top(a)], [y.strip() for y in _split_top(b)]
     if len(xs) > 1 or len(ys) > 1:                          # unordered lists, e.g. the roots of a polynomial
+        if all(x[:1] + x[-1:] in brackets for x in xs + ys):  # a list of tuples: each counted once
+            xs, ys = list(dict.fromkeys(x.replace(" ", "") for x in xs)), list(dict.fromkeys(y.replace(" ", "") for y in ys))
         if len(xs) != len(ys):
             return False
-        left = [y.strip() for y in ys]
+        left = list(ys)
         for x in xs:
-            hit = next((i for i, y in enumerate(left) if _equal_scalar(x.strip(), y)), None)
+            hit = next((i for i, y in enumerate(left) if _equal_structured(x, y)), None)
             if hit is None:
                 return False
             left.pop(hit)
         return True
     return _equal_scalar(a, b)
 
+
+
+_RELATION = re.compile(r"<=|>=|!=|<|>|=")
+
+
+def _relation(s):
+    """"y = 2x + 1" -> ("=", "(2x + 1)-(y)"); "x > 2" -> ("<", "(x)-(2)") (> and >= turned round); else None."""
+    parts = _RELATION.split(s)
+    if len(parts) != 2 or len(_split_top(s)) > 1:
+        return None
+    op = _RELATION.search(s)[0]
+    left, right = (parts[1], parts[0]) if op in (">", ">=") else (parts[0], parts[1])
+    sl, sr = _latex_to_sympy(left.strip()), _latex_to_sympy(right.strip())
+    return None if sl is None or sr is None else ({">": "<", ">=": "<="}.get(op, op), f"({sr})-({sl})")
+
+
+def _sympy_ratio(a, b):
+    import sympy
+    x, y = (_parse(t) for t in (a, b))
+    if not x.free_symbols or not y.free_symbols:
+        return None
+    r = sympy.simplify(x / y)
+    return r if not r.free_symbols and r.is_number and r != 0 else None
+
+
+def _equal_relation(a, b):
+    """Two equations with the same solution set up to scaling (y = 2x + 1 ~ 4x - 2y + 2 = 0), or two inequalities up to
+    turning round and positive scaling (x < 2 ~ 2 > x ~ -x > -2): (R - L) / (R' - L') is a constant, positive for <."""
+    ra, rb = _relation(a), _relation(b)
+    if ra is None or rb is None or ra[0] != rb[0]:
+        return False
+    importlib.import_module("sympy.parsing.sympy_parser")
+    try:
+        r = _with_time_limit(0.5, _sympy_ratio, ra[1], rb[1])
+    except Exception:
+        return False
+    return r is not None and (ra[0] in ("=", "!=") or bool(r > 0))
+
+
+def _as_interval(s):
+    """An answer that describes an interval of one variable, as the interval: "0 <= t <= 4" -> "[0, 4]",
+    "x > 2" -> "(2, \\infty)", "x \\in (0, 1]" -> "(0, 1]"; else None."""
+    m = re.fullmatch(r"[a-zA-Z]\s*\\in\s*(.+)", s)
+    if m:
+        return m[1].strip()
+    m = re.fullmatch(r"([^<>=]+?)\s*(<=|<)\s*[a-zA-Z]\s*(<=|<)\s*([^<>=]+)", s)
+    if m:
+        return f"{'[' if m[2] == '<=' else '('}{m[1].strip()}, {m[4].strip()}{']' if m[3] == '<=' else ')'}"
+    m = re.fullmatch(r"[a-zA-Z]\s*(<=|>=|<|>)\s*([^<>=]+)|([^<>=]+?)\s*(<=|>=|<|>)\s*[a-zA-Z]", s)
+    if not m:
+        return None
+    op, v = (m[1], m[2]) if m[1] else ({"<": ">", ">": "<", "<=": ">=", ">=": "<="}[m[4]], m[3])
+    v = v.strip()
+    return {"<": f"(-\\infty, {v})", "<=": f"(-\\infty, {v}]", ">": f"({v}, \\infty)", ">=": f"[{v}, \\infty)"}[op]
+
+
+_LABEL = re.compile(r"(\|[^|]*\||\([a-zA-Z_\d\s,]*\)|[a-zA-Z](?:_\w+)?(?:\([^()]*\))?|\\[a-z]+)\s*(?:=|\\in)\s*(.+)")
+
+
+def _listed(a, b):
+    """Both answers as comparable lists: separators (; and or \\quad) as commas, a \\pm as its two values, labels
+    dropped ("x = 3, x = -4" -> "3, -4"; "(a, b) = (4, 1)" -> "(4, 1)"), unless both sides label several parts:
+    then the labels are compared too ("b_1 = 6, b_10 = 2" ~ "b_10 = 2, b_1 = 6", not "b_1 = 2, b_10 = 6")."""
+    out = []
+    for s in (a, b):
+        s = re.sub(r"\s*(?:\\q?quad|;|\band\b|\bor\b)\s*", ", ", s).strip(", ")
+        if s.startswith("\\{") and s.endswith("\\}"):
+            s = s[2:-2]
+        parts = []
+        for p in (x.strip() for x in _split_top(s)):
+            parts += [p.replace("\\pm", "+"), p.replace("\\pm", "-")] if p.count("\\pm") == 1 else [p]
+        out.append([(m[1].replace(" ", ""), m[2]) if m else (None, p) for m, p in ((_LABEL.fullmatch(p), p) for p in parts)])
+    if all(len(x) > 1 and all(label for label, _ in x) for x in out):
+        return [sorted(f"{label}={value}" for label, value in x) for x in out]
+    return [[value for _, value in x] for x in out]
 
 @lru_cache(maxsize=100_000)
 def is_equiv(pred, gold):
@@ -534,7 +650,13 @@ def is_equiv(pred, gold):
         a, b = _normalize(pred.replace("\\%", "").replace("%", "")), _normalize(gold.replace("\\%", "").replace("%", ""))
         if not a or not b:
             return False
-        if a == b or _equal_structured(a, b):
+        if a == b or _equal_relation(a, b):
+            return True
+        ia, ib = _as_interval(a), _as_interval(b)
+        if (ia or ib) and _equal_structured(ia or a, ib or b):
+            return True
+        xs, ys = _listed(a, b)
+        if _equal_structured(", ".join(xs), ", ".join(ys)):
             return True
         # "50%" against "0.5": a percent on exactly one side may also be read as a fraction
         if ("%" in pred) != ("%" in gold) and _NUMBER.fullmatch(a) and _NUMBER.fullmatch(b):
