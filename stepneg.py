@@ -63,6 +63,7 @@ class Config:
     seed: int = 0
     n_train: int = 1000          # training problems used by every stage (D_syn size n); 0 = all; --mode scaling: 500
     n_test: int = 0              # test problems evaluated; 0 = all
+    eval_k: int = 0              # > 0: also K samples per test problem at --temperature: pass@K and maj@K
     max_len: int = 256           # tokens per prompt+response; longer examples are truncated (and counted)
     # the tiny model (only when --model tiny)
     d_model: int = 128
@@ -91,6 +92,9 @@ class Config:
     step_cap: int = 12           # at most this many steps per solution (extra lines merge into the last)
     credit: str = "first_pit"    # first_pit (paper) | min_advantage
     pair_form: str = "step"      # step: rejected = the pit step alone | full: (x, y+, y-_{1:c}) shorthand
+    loss: str = "dpo"            # per-step stage: dpo (paper) | awr (advantage-weighted steps, the paper's RL view)
+                                 # | both (per_step and per_step_awr side by side, on the same rollouts)
+    beta_awr: float = 0.5        # AWR temperature: step weights exp(A / beta_awr), normalised over the batch
     # DPO (outcome and per-step)
     beta: float = 0.1
     lora_rank: int = 0           # > 0: train low-rank adapters (Hu et al. 2021) instead of every weight; saved merged
@@ -126,7 +130,7 @@ def parse_config(argv=None):
     modes = ("make_data", "synth", "sft", "rft", "dpo", "per_step", "eval", "all", "scaling", "bench_rollouts", "bench_dpo",
              "bench_shapes")
     for name, value, allowed in [("mode", cfg.mode, modes), ("credit", cfg.credit, ("first_pit", "min_advantage")),
-                                 ("pair_form", cfg.pair_form, ("step", "full"))]:
+                                 ("pair_form", cfg.pair_form, ("step", "full")), ("loss", cfg.loss, ("dpo", "awr", "both"))]:
         if value not in allowed:
             ap.error(f"--{name} {value!r}: choose one of {', '.join(allowed)}")
     return cfg
@@ -1187,6 +1191,28 @@ def per_step_pairs(problems, samples, negatives, Q, wins, cfg):
     return pairs
 
 
+def awr_examples(problems, samples, negatives, Q, wins, cfg):
+    """The same rollouts as per-step DPO, read as advantage-weighted steps (--loss awr): every step of a negative
+    whose prefix values are both known, A_i = Q_i - Q_{i-1}, and each pair's chosen continuation, A = 1 - Q_{c-1}
+    (it reached the answer from a prefix worth Q_{c-1}).   Q_0 = 1/2, Q = [1, 0]:
+    {"prompt": x, "response": y_1, "advantage": 0.5}, {"prompt": x + y_1, "response": y_2, "advantage": -1.0},
+    {"prompt": x + y_1, "response": the chosen continuation, "complete": True, "advantage": 0.0}"""
+    examples = []
+    for n in negatives:
+        s = samples[n["pid"]]
+        values = [sum(s["correct"]) / len(s["correct"])] + Q[n["nid"]]
+        x = PROMPT.format(question=problems[n["pid"]]["question"])
+        for i in range(1, len(values)):
+            if values[i] is not None and values[i - 1] is not None:
+                examples.append({"prompt": x + "".join(n["steps"][:i - 1]), "response": n["steps"][i - 1],
+                                 "complete": i == len(n["steps"]), "advantage": values[i] - values[i - 1],
+                                 "nid": n["nid"], "step": i})
+    for p in per_step_pairs(problems, samples, negatives, Q, wins, dataclasses.replace(cfg, pair_form="step")):
+        examples.append({"prompt": p["prompt"], "response": p["chosen"], "complete": True,
+                         "advantage": 1.0 - p["q"][p["pit"] - 1], "nid": p["nid"], "step": p["pit"]})
+    return examples
+
+
 def word_edit_distance(a, b):
     """Levenshtein distance over whitespace-separated words."""
     a, b = a.split(), b.split()
@@ -1255,6 +1281,20 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
     rejected_reward = beta * (policy_rejected - ref_rejected)     # (B,)
     loss = -F.logsigmoid(chosen_reward - rejected_reward).mean()
     return loss, chosen_reward.detach(), rejected_reward.detach()
+
+
+def awr_weights(advantages, beta, clip=20.0):
+    """The paper's RL view of per-step DPO: its optimum is pi*(a|s) ~ pi_sft(a|s) exp(A(s, a) / beta). Advantage-
+    weighted regression reaches for it directly: w_i = exp(A_i / beta), normalised to mean 1 over the batch, clipped.
+    advantages (B,) -> weights (B,), no gradient.   A = [-1, 0, 1], beta 0.5 -> [0.048, 0.352, 2.600]"""
+    w = torch.exp((advantages - advantages.max()) / beta)                     # (B,), the max subtracted: no overflow
+    return (w / w.mean()).clamp(max=clip).detach()
+
+
+def awr_loss(logps, weights, n_rows=None):
+    """L = -(1/B) sum_i w_i log pi(step_i | prefix_i). logps, weights: (B,); n_rows: the whole batch's B under
+    micro-batches, so the pieces add up to the batch's loss."""
+    return -(weights * logps).sum() / (len(logps) if n_rows is None else n_rows)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1376,9 +1416,12 @@ def epoch_batches(rng, lengths, cfg):
 
 
 def train_sft(model, tok, examples, cfg, epochs, lr, desc, ckpt=None):
-    """SFT: maximise log pi(y | x) on [{"question", "response"}], loss on response tokens only."""
+    """SFT: maximise log pi(y | x) on [{"question", "response"}], loss on response tokens only. Examples with an
+    "advantage" (AWR: {"prompt", "response", "complete", "advantage"}) are weighted by awr_weights instead."""
     device = next(model.parameters()).device
-    data = [encode(tok, PROMPT.format(question=e["question"]), e["response"], complete=True) for e in examples]
+    data = [encode(tok, e.get("prompt") or PROMPT.format(question=e["question"]), e["response"],
+                   complete=e.get("complete", True)) for e in examples]
+    adv = [e["advantage"] for e in examples] if examples and "advantage" in examples[0] else None
     rng = random.Random(cfg.seed)
     per_epoch = math.ceil(len(data) / cfg.batch_size)
     steps = cfg.sft_steps or epochs * per_epoch
@@ -1398,13 +1441,18 @@ def train_sft(model, tok, examples, cfg, epochs, lr, desc, ckpt=None):
             seen = [min(len(p) + len(r), cfg.max_len) for p, r in batch]     # tokens the model reads (truncated)
             n_tokens = torch.tensor(float(sum(max(0, s - len(p)) for s, (p, _) in zip(seen, batch))),
                                     device=device)                           # response tokens of the whole batch
+            w = awr_weights(torch.tensor([adv[i] for i in rows], device=device), cfg.beta_awr) if adv else None
             for m in range(0, len(batch), mb * WORLD):  # micro-batches; under torchrun each rank takes every WORLD-th
                 share = batch[m:m + mb * WORLD][RANK::WORLD]
                 ids, att, mask, _ = batch_tensors(tok, share or batch[m:m + 1], cfg.max_len, device)
                 logits = fwd(input_ids=ids, attention_mask=att).logits[:, :-1].float()            # (B, T-1, V)
                 token_logps = -F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # (B, T-1)
                 # x WORLD: DDP averages the ranks' gradients, the batch's loss is their sum (an idle rank adds 0)
-                piece = sft_loss(token_logps, mask[:, 1:], n_tokens) * (WORLD if share else 0)
+                if w is None:
+                    piece = sft_loss(token_logps, mask[:, 1:], n_tokens) * (WORLD if share else 0)
+                else:
+                    mine = w[m:m + mb * WORLD][RANK::WORLD] if share else w[:0]
+                    piece = awr_loss((token_logps * mask[:, 1:]).sum(-1)[:len(mine)], mine, len(batch)) * WORLD
                 check_finite(piece, desc)
                 piece.backward()
                 loss += piece.item() / WORLD
@@ -1548,18 +1596,52 @@ def train_dpo(model, tok, pairs, cfg, desc, ckpt=None):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def pass_at_k(n, c, k):
+    """Unbiased pass@k from n samples of which c are correct (Chen et al. 2021): 1 - C(n-c, k) / C(n, k)."""
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def majority(answers):
+    """The most common answer, answers grouped by is_equiv; a tie goes to the group seen first; None if none parsed.
+    ["1/2", "0.5", "3", "3", None] -> "1/2" (two votes each; "1/2" came first)"""
+    groups = []  # [representative, votes]
+    for a in answers:
+        if a is not None:
+            g = next((g for g in groups if is_equiv(a, g[0])), None)
+            if g is None:
+                groups.append([a, 1])
+            else:
+                g[1] += 1
+    return max(groups, key=lambda g: g[1])[0] if groups else None  # max keeps the first of equals
+
+
 def evaluate(model, tok, problems, cfg, path, desc):
+    """Greedy pass@1 and unparsable answers; with --eval_k K, also K samples per problem at --temperature:
+    pass@K and maj@K (the majority answer right)."""
     rows = [(str(i), PROMPT.format(question=p["question"])) for i, p in enumerate(problems)]
     texts, _ = cached_generate(model, tok, rows, cfg, path + ".gen.jsonl", cfg.seed, desc, temperature=0.0)
+    K = cfg.eval_k
+    if K:
+        krows = [(f"{i}/{j}", prompt) for i, prompt in rows for j in range(K)]
+        samples, _ = cached_generate(model, tok, krows, cfg, path + ".k.gen.jsonl", cfg.seed + 1, f"{desc}, {K} samples")
     records = []
     for i, p in enumerate(problems):
         pred = extract_answer(texts[str(i)])
         records.append({"question": p["question"], "gold": p["gold"], "response": texts[str(i)], "pred": pred,
                         "correct": int(is_equiv(pred, p["gold"]))})
+        if K:
+            preds = [extract_answer(samples[f"{i}/{j}"]) for j in range(K)]
+            right = sum(is_equiv(a, p["gold"]) for a in preds)
+            vote = majority(preds)
+            records[-1].update({"k_preds": preds, "k_correct": right, f"pass@{K}": pass_at_k(K, right, K),
+                                "majority": vote, f"maj@{K}": int(is_equiv(vote, p["gold"]))})
     write_jsonl(path, records)
     n = len(records)
-    return {"accuracy": sum(r["correct"] for r in records) / n, "unparsable": sum(r["pred"] is None for r in records),
-            "n_test": n}
+    result = {"accuracy": sum(r["correct"] for r in records) / n, "unparsable": sum(r["pred"] is None for r in records),
+              "n_test": n}
+    for key in ([f"pass@{K}", f"maj@{K}"] if K else []):
+        result[key] = sum(r[key] for r in records) / n
+    return result
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1583,9 +1665,9 @@ def stage_done(cfg, name):
 
 
 # What each stage's outputs are computed from: a stage that is redone makes these stale, so they are redone too.
-DOWNSTREAM = {"sft": ["eval_sft", "samples", "rft"], "samples": ["rft", "dpo", "per_step", "per_step_oracle"],
+DOWNSTREAM = {"sft": ["eval_sft", "samples", "rft"], "samples": ["rft", "dpo", "per_step", "per_step_awr", "per_step_oracle"],
               "rft": ["eval_rft"], "dpo": ["eval_dpo"], "per_step": ["eval_per_step"],
-              "per_step_oracle": ["eval_per_step_oracle"]}
+              "per_step_awr": ["eval_per_step_awr"], "per_step_oracle": ["eval_per_step_oracle"]}
 
 
 def invalidate_downstream(cfg, name):
@@ -1726,6 +1808,26 @@ def per_step_pair_maker(cfg, train):
     return make
 
 
+def run_awr(cfg, train, sft_path):
+    """--loss awr|both: per-step credit trained as advantage-weighted steps (awr_examples) instead of DPO pairs, on
+    the same rollouts (per_step/rollouts.jsonl) and the same budget (--dpo_lr, --dpo_epochs); no reference model."""
+    name = "per_step_awr"
+    if not stage_done(cfg, name):
+        samples = run_samples(cfg, train, sft_path)
+        t0 = time.time()
+        os.makedirs(f"{cfg.out}/{name}", exist_ok=True)
+        model, tok = load_model(cfg, sft_path)
+        negatives = collect_negatives(train, samples, cfg.max_negatives)
+        Q, wins, acct = step_values(model, tok, train, negatives, cfg, f"{cfg.out}/per_step")
+        examples = awr_examples(train, samples, negatives, Q, wins, cfg)
+        write_jsonl(f"{cfg.out}/{name}/examples.jsonl", examples)
+        res = train_sft(model, tok, examples, dataclasses.replace(cfg, sft_steps=0), cfg.dpo_epochs, cfg.dpo_lr, name,
+                        f"{cfg.out}/{name}/train_state.pt") if examples else {"train_examples": 0, "log": []}
+        save_model(model, tok, f"{cfg.out}/{name}/model")
+        finish_stage(cfg, name, {**res, **acct, "negatives": len(negatives), "wall_s": round(time.time() - t0, 1)})
+    return f"{cfg.out}/{name}/model"
+
+
 def run_eval(cfg, test, name, model_path):
     result = stage_done(cfg, f"eval_{name}")
     if not result:
@@ -1734,20 +1836,23 @@ def run_eval(cfg, test, name, model_path):
         os.makedirs(f"{cfg.out}/eval_{name}", exist_ok=True)
         result = evaluate(model, tok, test, cfg, f"{cfg.out}/eval_{name}/responses.jsonl", f"eval {name}")
         result = finish_stage(cfg, f"eval_{name}", {**result, "model": model_path, "wall_s": round(time.time() - t0, 1)})
-    print(f"eval {name}: accuracy {result['accuracy']:.3f} ({result['n_test']} problems, "
+    k = "".join(f", {key} {result[key]:.3f}" for key in (f"pass@{cfg.eval_k}", f"maj@{cfg.eval_k}") if key in result)
+    print(f"eval {name}: accuracy {result['accuracy']:.3f}{k} ({result['n_test']} problems, "
           f"{result['unparsable']} unparsable)")
     return result
 
 
 def summary(cfg, names):
     """The table a run ends with: test accuracy and what each stage cost."""
-    lines = ["| stage | test acc | unparsable | train examples | pairs | rollouts | stage s | eval s |",
-             "|---|---|---|---|---|---|---|---|"]
+    K = f"| pass@{cfg.eval_k} | maj@{cfg.eval_k} " if cfg.eval_k else ""
+    lines = [f"| stage | test acc {K}| unparsable | train examples | pairs | rollouts | stage s | eval s |",
+             "|---|---|---|---|---|---|---|---|" + ("---|---|" if K else "")]
     samples = stage_done(cfg, "samples") or {}
     for name in names:
         st, ev = stage_done(cfg, name) or {}, stage_done(cfg, f"eval_{name}") or {}
         wall = st.get("wall_s", 0) + (samples.get("wall_s", 0) if name != "sft" else 0)
-        lines.append(f"| {name} | {ev.get('accuracy', float('nan')):.3f} | {ev.get('unparsable', '-')} | "
+        k = "".join(f"| {ev.get(key, float('nan')):.3f} " for key in (f"pass@{cfg.eval_k}", f"maj@{cfg.eval_k}")) if K else ""
+        lines.append(f"| {name} | {ev.get('accuracy', float('nan')):.3f} {k}| {ev.get('unparsable', '-')} | "
                      f"{st.get('train_examples', '-')} | {st.get('pairs', '-')} | {st.get('rollouts', '-')} | "
                      f"{wall:.0f} | {ev.get('wall_s', 0):.0f} |")
     if samples:
@@ -1774,9 +1879,11 @@ def run_pipeline(cfg, train, test, stages):
     if "dpo" in stages:
         make = lambda model, tok, samples: (outcome_pairs(train, samples, cfg.rft_cap), {})  # noqa: E731
         results["dpo"] = run_eval(cfg, test, "dpo", run_dpo(cfg, train, sft, "dpo", make))
-    if "per_step" in stages:
+    if "per_step" in stages and cfg.loss in ("dpo", "both"):
         results["per_step"] = run_eval(cfg, test, "per_step",
                                        run_dpo(cfg, train, sft, "per_step", per_step_pair_maker(cfg, train)))
+    if "per_step" in stages and cfg.loss in ("awr", "both"):
+        results["per_step_awr"] = run_eval(cfg, test, "per_step_awr", run_awr(cfg, train, sft))
     print("\n" + summary(cfg, list(results)))
     return results
 

@@ -734,6 +734,79 @@ def test_dpo_trains_against_the_stored_reference_not_the_moving_policy():
     assert log[0]["chosen_reward"] == pytest.approx(-1.0, abs=1e-3) and log[0]["rejected_reward"] == pytest.approx(0.5, abs=1e-3)
 
 
+def test_awr_weights_are_monotone_in_the_advantage_normalised_and_clipped():
+    w = sn.awr_weights(torch.tensor([-1.0, 0.0, 1.0]), 0.5)
+    raw = [math.exp(-4), math.exp(-2), 1.0]  # exp((A - max A) / beta)
+    assert w.tolist() == pytest.approx([r / (sum(raw) / 3) for r in raw], rel=1e-5)
+    adv = torch.tensor([0.3, -0.9, 0.0, 0.6, -0.2])
+    w = sn.awr_weights(adv, 0.5)
+    assert all((w[i] < w[j]) == (adv[i] < adv[j]) for i in range(5) for j in range(5) if i != j)
+    assert w.mean().item() == pytest.approx(1.0) and not w.requires_grad
+    assert sn.awr_weights(torch.tensor([0.0, 0.0, 0.0, 10.0]), 0.1, clip=3.0).max().item() == 3.0
+    assert sn.awr_loss(torch.tensor([-2.0, -4.0]), torch.tensor([0.5, 1.5])).item() == pytest.approx((1 + 6) / 2)
+
+
+def test_awr_moves_probability_from_the_bad_step_to_the_good_one():
+    cfg = sn.Config(d_model=32, n_layers=1, n_heads=2, batch_size=4, log_every=100, beta_awr=0.5)
+    model, tok = sn.load_model(cfg, "tiny")
+    prompt = sn.PROMPT.format(question="Ava has 7 pens. Ava buys 5 more. Ava gives away 3.") + "7 + 5 = 12\n"
+    good, bad = "12 - 3 = 9\n", "12 - 3 = 8\n"
+    examples = [{"prompt": prompt, "response": good, "complete": False, "advantage": 0.5},
+                {"prompt": prompt, "response": bad, "complete": False, "advantage": -0.5}] * 2
+
+    def margin():
+        with torch.no_grad():
+            enc = [sn.encode(tok, prompt, r, complete=False) for r in (good, bad)]
+            g, b = sn.sequence_logps(model, *sn.batch_tensors(tok, enc, 256, "cpu")[:3]).tolist()
+        return g - b
+    before = margin()
+    sn.train_sft(model, tok, examples, cfg, 60, 1e-2, "awr-test")
+    # AWR imitates both steps, weighted e^{+1} : e^{-1}: the margin heads for log(e^2) = 2 nats
+    assert margin() > before + 1.0
+
+
+def test_awr_examples_read_the_rollouts_as_step_advantages(tmp_path, monkeypatch):
+    """Negative 0 of the fractional fixture: Q_0 = 1/2, Q = 7/8, 3/8, 0, 0 -> A = 3/8, -1/2, -3/8, 0 (the answer line
+    after the pit changes nothing); the pair's chosen continuation from x + y_1 + y_2: A = 1 - 3/8."""
+    monkeypatch.setattr(sn, "generate", graded_generate)
+    cfg = sn.Config(rollouts=8)
+    problems = [{"question": "q0", "gold": "9", "response": None}]
+    neg = "a p7 step\nb p3 step\nc p0 step\nThe answer is 1"
+    samples = [{"responses": [neg, "right\nThe answer is 9"], "correct": [0, 1]}]
+    negs = sn.collect_negatives(problems, samples, cap=8)
+    Q, wins, _ = sn.step_values(None, None, problems, negs, cfg, str(tmp_path))
+    ex = sn.awr_examples(problems, samples, negs, Q, wins, cfg)
+    x = sn.PROMPT.format(question="q0")
+    assert [(e["prompt"], e["response"], e["complete"], e["advantage"]) for e in ex] == [
+        (x, "a p7 step\n", False, 3 / 8), (x + "a p7 step\n", "b p3 step\n", False, -1 / 2),
+        (x + "a p7 step\nb p3 step\n", "c p0 step\n", False, -3 / 8),
+        (x + "a p7 step\nb p3 step\nc p0 step\n", "The answer is 1", True, 0.0),
+        (x + "a p7 step\nb p3 step\n", "w \nThe answer is 9", True, 5 / 8)]
+
+
+def test_pass_at_k_and_majority_vote_on_scripted_samples(tmp_path, monkeypatch):
+    """Four problems, four samples each: pass@4 = 3/4 (the last has no right sample); maj@4 = 2/4 (problem 1's vote
+    ties three ways and goes to the first answer, 1; problem 2's \\frac12 and 0.5 are one answer, beating 3 and 3)."""
+    problems = [{"question": f"q{i}", "gold": g, "response": None} for i, g in enumerate(["9", "2", "0.5", "4"])]
+    draws = {"q0": ["9", "8", "9", "7"], "q1": ["1", "2", "3", None], "q2": ["\\frac12", "3", "0.5", "3"],
+             "q3": [None, "5", None, "6"]}
+
+    def scripted(model, tok, prompts, temperature, *_):
+        texts, seen = [], {}
+        for p in prompts:
+            q = p.split("Question: ")[1].split("\n")[0]
+            j = seen[q] = seen.get(q, -1) + 1
+            a = draws[q][j % 4] if temperature > 0 else draws[q][0]
+            texts.append("no answer" if a is None else f"The answer is {a}")
+        return texts, [1] * len(texts), 0
+    monkeypatch.setattr(sn, "generate", scripted)
+    result = sn.evaluate(None, None, problems, sn.Config(eval_k=4), str(tmp_path / "eval.jsonl"), "eval")
+    assert result == {"accuracy": 0.5, "unparsable": 1, "n_test": 4, "pass@4": 0.75, "maj@4": 0.5}
+    assert [r["majority"] for r in sn.read_jsonl(str(tmp_path / "eval.jsonl"))] == ["9", "1", "\\frac12", "5"]
+    assert sn.pass_at_k(4, 1, 1) == pytest.approx(0.25) and sn.pass_at_k(4, 1, 4) == 1.0 and sn.pass_at_k(4, 0, 2) == 0
+    assert sn.pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Whole runs on a miniature config
 # ----------------------------------------------------------------------------------------------------------------
@@ -752,6 +825,14 @@ def test_every_mode_runs_on_a_miniature_config(tmp_path):
         assert os.path.exists(os.path.join(out, f)), f
     stages = [json.loads(line)["stage"] for line in open(os.path.join(out, "metrics.jsonl"))]
     assert stages.count("sft") == 1  # later modes reused the finished SFT stage instead of redoing it
+    both = str(tmp_path / "both")
+    sn.main(MINI + ["--mode", "per_step", "--loss", "both", "--eval_k", "2", "--out", both])
+    table = open(os.path.join(both, "summary.md")).read()
+    assert "| per_step |" in table and "| per_step_awr |" in table and "pass@2" in table and "maj@2" in table
+    rollouts = sn.read_jsonl(os.path.join(both, "per_step/rollouts.jsonl"))
+    assert sn.stage_done(sn.Config(out=both), "per_step_awr")["rollouts"] == sn.stage_done(sn.Config(out=both), "per_step")["rollouts"]
+    assert len(rollouts) == sn.stage_done(sn.Config(out=both), "per_step")["rollouts"]  # AWR made none of its own
+    assert all("pass@2" in sn.stage_done(sn.Config(out=both), f"eval_{s}") for s in ("sft", "per_step", "per_step_awr"))
 
 
 def test_scripted_policy_run_builds_pairs_and_trains(tmp_path, monkeypatch):
