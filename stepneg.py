@@ -52,33 +52,34 @@ from transformers.cache_utils import DynamicLayer
 
 @dataclasses.dataclass
 class Config:
-    mode: str = "per_step"       # make_data | synth | sft | rft | dpo | per_step | eval | all | scaling | bench_*
+    # what to run, on what
+    mode: str = "per_step"       # what to run (README: "Two commands"); bench_* are the benchmarks
     out: str = "out"             # every stage writes under here; a finished stage is reused on restart
-    train: str = "data/train.jsonl"
-    test: str = "data/test.jsonl"
+    train: str = "data/train.jsonl"  # training problems (GSM8K, MATH or plain jsonl); D_syn = their solutions
+    test: str = "data/test.jsonl"    # test problems, same formats
     model: str = "tiny"          # "tiny" = build from a LlamaConfig offline; else a hub name or local folder
     init: str = ""               # an existing SFT checkpoint to use as pi_sft (skips the SFT stage)
     teacher: str = ""            # --mode synth: the more capable model that writes D_syn (a hub name or a folder)
-    device: str = "auto"         # auto | cpu | cuda
-    seed: int = 0
+    device: str = "auto"         # cuda when there is one
+    seed: int = 0                # every random choice (init, shuffles, sampling) follows it
     n_train: int = 1000          # training problems used by every stage (D_syn size n); 0 = all; --mode scaling: 500
     n_test: int = 0              # test problems evaluated; 0 = all
     eval_k: int = 0              # > 0: also K samples per test problem at --temperature: pass@K and maj@K
     max_len: int = 256           # tokens per prompt+response; longer examples are truncated (and counted)
     # the tiny model (only when --model tiny)
-    d_model: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
+    d_model: int = 128           # width
+    n_layers: int = 4            # transformer blocks
+    n_heads: int = 4             # attention heads
     # SFT (and RFT, which reuses the SFT loop)
-    sft_epochs: int = 16
+    sft_epochs: int = 16         # passes over D_syn (and, for RFT, over D_syn plus the kept samples)
     sft_steps: int = 0           # > 0: every SFT and RFT run takes exactly this many optimizer steps, whatever its size
     lr: float = 3e-3             # tiny model from scratch; use ~1e-5 for a pretrained 7B
-    batch_size: int = 32
+    batch_size: int = 32         # examples (or pairs) per optimizer step, in every training loop
     micro_batch: int = 0         # > 0: run each batch in pieces this big, accumulating gradients (same update)
     # sampling from pi_sft (RFT positives, negatives, rollouts)
     k_samples: int = 4           # samples per training problem
     temperature: float = 0.7     # paper: 0.7-1.0; 0.7 gave fewer noise negatives here
-    max_new_tokens: int = 64
+    max_new_tokens: int = 64     # longest generated solution or continuation, in tokens
     gen_batch: int = 256         # rows per generate call, at most
     gen_tokens: int = 0          # > 0: a batch also ends before rows x (longest prompt + max_new_tokens) passes this
                                  # KV-cache budget; 0 = none on CPU, half the free GPU memory on CUDA
@@ -90,25 +91,48 @@ class Config:
                                  # probability 0.7^M: 24% at M = 4 (false pits), 6% at M = 8
     max_negatives: int = 4       # distinct wrong samples kept per problem (paper: up to 8; here all of k = 4 samples)
     step_cap: int = 12           # at most this many steps per solution (extra lines merge into the last)
-    credit: str = "first_pit"    # first_pit (paper) | min_advantage
+    credit: str = "first_pit"    # first_pit: the first step whose prefix no rollout finishes (paper) | min_advantage:
+                                 # the step whose value drops most
     pair_form: str = "step"      # step: rejected = the pit step alone | full: (x, y+, y-_{1:c}) shorthand
     loss: str = "dpo"            # per-step stage: dpo (paper) | awr (advantage-weighted steps, the paper's RL view)
                                  # | both (per_step and per_step_awr side by side, on the same rollouts)
     beta_awr: float = 0.5        # AWR temperature: step weights exp(A / beta_awr), normalised over the batch
     # DPO (outcome and per-step)
-    beta: float = 0.1
+    beta: float = 0.1            # DPO's beta: how far from pi_ref the policy may move for a given margin
     lora_rank: int = 0           # > 0: train low-rank adapters (Hu et al. 2021) instead of every weight; saved merged
     grad_ckpt: bool = False      # recompute activations in the backward pass: less memory, about 30% more time
     branch: bool = True          # DPO: read a pair's shared prompt once, run chosen and rejected from its KV cache
     sort_len: bool = False       # batch training examples of similar length together: less padding (real data's
                                  # lengths vary 10x; the toy's hardly, so off keeps the default's measured results)
-    dpo_lr: float = 5e-5
-    dpo_epochs: int = 2
+    dpo_lr: float = 5e-5         # learning rate of outcome DPO, per-step DPO and AWR
+    dpo_epochs: int = 2          # passes over the pairs (or AWR's weighted steps)
     log_every: int = 20          # training steps between log lines
     ckpt_every: int = 100        # training steps between resumable checkpoints (model, optimizer, data position)
     # --mode scaling: SFT on n, 2n, ..., 2^doublings n problems; every method on n; seeds seed .. seed+seeds-1
-    doublings: int = 3
-    seeds: int = 2
+    doublings: int = 3           # SFT sizes n .. 2^doublings n
+    seeds: int = 2               # seeds per scaling run, each a full repeat
+
+
+CHOICES = {"mode": ("make_data", "synth", "sft", "rft", "dpo", "per_step", "eval", "all", "scaling", "bench_rollouts",
+                    "bench_dpo", "bench_shapes"),
+           "device": ("auto", "cpu", "cuda"), "credit": ("first_pit", "min_advantage"), "pair_form": ("step", "full"),
+           "loss": ("dpo", "awr", "both")}
+
+
+def config_help():
+    """{field: its comment in the Config block}, and the group headers before each field: the block above is the one
+    source of what every flag means, for the reader of the file and for --help alike."""
+    import inspect
+    helps, groups, group, last = {}, {}, "", None
+    for line in inspect.getsource(Config).splitlines()[2:]:
+        m = re.match(r"\s{4}(\w+): \w+ = .*?(?:#\s*(.*))?$", line)
+        if m:
+            last, helps[m[1]], groups[m[1]] = m[1], (m[2] or "").strip(), group
+        elif re.match(r"\s{4}#", line):
+            group = line.strip("# ").strip()
+        elif re.match(r"\s+#", line) and last:  # a comment's continuation line
+            helps[last] += " " + line.strip("# ").strip()
+    return helps, groups
 
 
 # Settings that change what a stage computes: an output folder made with other values is refused, not mixed.
@@ -118,22 +142,22 @@ PROMPT = "Question: {question}\nAnswer:\n"
 
 def parse_config(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    helps, groups = config_help()
+    sections = {}
     for f in dataclasses.fields(Config):
+        g = sections.get(groups[f.name]) or sections.setdefault(groups[f.name], ap.add_argument_group(groups[f.name]))
+        text = f"{helps[f.name]} (default: {f.default!r})".replace("%", "%%")
         if f.type is bool or f.type == "bool":
-            ap.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"), default=f.default)
+            g.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"), default=f.default,
+                           metavar="true|false", help=text)
         else:  # n_train's default depends on the mode (below)
-            ap.add_argument(f"--{f.name}", type=type(f.default), default=None if f.name == "n_train" else f.default)
+            g.add_argument(f"--{f.name}", type=type(f.default), default=None if f.name == "n_train" else f.default,
+                           choices=CHOICES.get(f.name), metavar=type(f.default).__name__.upper() if f.name not in CHOICES
+                           else None, help=text)
     args = vars(ap.parse_args(argv))
     if args["n_train"] is None:  # scaling trains SFT on up to 2^doublings n; n = 500: 26-54 min, 2 cores
         args["n_train"] = 500 if args["mode"] == "scaling" else Config.n_train
-    cfg = Config(**args)
-    modes = ("make_data", "synth", "sft", "rft", "dpo", "per_step", "eval", "all", "scaling", "bench_rollouts", "bench_dpo",
-             "bench_shapes")
-    for name, value, allowed in [("mode", cfg.mode, modes), ("credit", cfg.credit, ("first_pit", "min_advantage")),
-                                 ("pair_form", cfg.pair_form, ("step", "full")), ("loss", cfg.loss, ("dpo", "awr", "both"))]:
-        if value not in allowed:
-            ap.error(f"--{name} {value!r}: choose one of {', '.join(allowed)}")
-    return cfg
+    return Config(**args)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -407,6 +407,19 @@ def test_tiny_tokenizer_is_lossless_and_spells_toy_words_as_one_token():
         [" Mia", " buys", " ", "1", "2", " more"]  # digits one per token
 
 
+def test_help_explains_every_flag_from_the_config_block(capsys):
+    with pytest.raises(SystemExit):
+        sn.parse_config(["--help"])
+    text = capsys.readouterr().out
+    helps, groups = sn.config_help()
+    for f in dataclasses.fields(sn.Config):
+        assert helps[f.name] and f"--{f.name}" in text, f.name
+    assert "{first_pit,min_advantage}" in text and "per-step credit:" in text and "M (the paper's Best-of-K" in text
+    assert helps["gen_tokens"].endswith("half the free GPU memory on CUDA")  # a comment's second line is kept
+    with pytest.raises(SystemExit):
+        sn.parse_config(["--credit", "best"])
+
+
 def test_n_train_default_depends_on_the_mode():
     assert sn.parse_config([]).n_train == 1000
     assert sn.parse_config(["--mode", "scaling"]).n_train == 500
