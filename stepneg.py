@@ -1184,7 +1184,7 @@ def find_pit(q0, qs, rule):
 
 
 def per_step_pairs(problems, samples, negatives, Q, wins, cfg):
-    """The per-step DPO pairs (PAPER.md). For a pit at step c of negative y-:
+    """The per-step DPO pairs, in the shared-prefix form Self-Explore ships. For a pit at step c of negative y-:
       step form: prompt = x + y-_{1:c-1}, chosen = shortest correct rollout from that prompt (+EOS),
                  rejected = y-_c alone (no EOS: it is a partial solution)
       full form: prompt = x, chosen = a full correct solution, rejected = y-_{1:c} (no EOS)
@@ -1913,8 +1913,9 @@ def run_pipeline(cfg, train, test, stages):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The headline measurement (PAPER.md): SFT on n, 2n, 4n, 8n problems; RFT, outcome DPO and per-step DPO on the
-# first n only; fit SFT error against log(size); each method's multiplier n'/n is the SFT size that would match it.
+# The headline measurement, the data-efficiency multiplier: SFT on n, 2n, 4n, 8n problems; RFT, outcome DPO and
+# per-step DPO on the first n only; fit SFT error against log(size); each method's multiplier n'/n is the SFT size
+# that would match it.
 # ---------------------------------------------------------------------------------------------------------------
 
 
