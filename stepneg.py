@@ -662,8 +662,11 @@ def _listed(a, b):
         for p in (x.strip() for x in _split_top(s)):
             parts += [p.replace("\\pm", "+"), p.replace("\\pm", "-")] if p.count("\\pm") == 1 else [p]
         out.append([(m[1].replace(" ", ""), m[2]) if m else (None, p) for m, p in ((_LABEL.fullmatch(p), p) for p in parts)])
-    if all(len(x) > 1 and all(label for label, _ in x) for x in out):
-        return [sorted(f"{label}={value}" for label, value in x) for x in out]
+    labels = [[label for label, _ in x] for x in out]
+    if all(len(ls) > 1 and all(ls) and len(set(ls)) == len(ls) for ls in labels):  # b_1 = 6, b_10 = 2: by label
+        if sorted(labels[0]) != sorted(labels[1]):
+            return ["labels"], ["differ"]
+        return [["(" + ", ".join(v for _, v in sorted(x)) + ")"] for x in out]
     return [[value for _, value in x] for x in out]
 
 @lru_cache(maxsize=100_000)

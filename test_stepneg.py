@@ -119,7 +119,8 @@ EQUIV_TABLE_2 = [
     ("(a, b) = (4, 1)", "(4, 1)", True), ("(a, b) = (4, 1)", "(1, 4)", False), ("g(2) = 5", "5", True), ("g(2) = 5", "2", False),
     ("|PQ| = 5", "5", True), ("|PQ| = 5", "6", False), ("x = 3, x = -4", "-4, 3", True), ("x = 3, x = -4", "3, 4", False),
     ("b_1 = 6, b_{10} = 2", "b_{10} = 2, b_1 = 6", True), ("b_1 = 6, b_{10} = 2", "b_1 = 2, b_{10} = 6", False),
-    ("b_1 = 6, b_{10} = 2", "6, 2", True),
+    ("b_1 = 6, b_{10} = 2", "6, 2", True), ("x = 0.5, y = 2", "y = 2, x = \\frac12", True),
+    ("x = 0.5, y = 2", "y = 2, z = 0.5", False),
     # \pm: the two values it stands for
     ("2 \\pm \\sqrt{3}", "2 + \\sqrt3, 2 - \\sqrt3", True), ("2 \\pm \\sqrt 3", "2 + \\sqrt 3", False), ("\\pm 7", "\\{-7, 7\\}", True),
     ("\\pm 7", "7", False), ("x = \\pm 7", "7, -7", True), ("\\mp 3", "3, -3", True), ("\\pm 7", "-7, 8", False),
