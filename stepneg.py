@@ -2032,6 +2032,8 @@ def run_scaling(cfg, train, test):
     same test split; the multipliers, budgets and credit checks -> scaling.md, the picture -> scaling.svg."""
     t0, n = time.time(), cfg.n_train
     sizes = [n * 2 ** d for d in range(cfg.doublings + 1)]
+    if cfg.loss == "awr":
+        raise SystemExit("error: --mode scaling measures per-step DPO; use --loss dpo, or both for an AWR row beside it")
     if n < 1 or len(train) < sizes[-1]:
         raise SystemExit(f"error: {cfg.train}: --mode scaling needs n_train >= 1 and {sizes[-1]} training problems "
                          f"(n = {n} times 2^{cfg.doublings}); it has {len(train)}")
@@ -2068,6 +2070,9 @@ def run_scaling(cfg, train, test):
                   "dpo": (n, smp["samples"], 0, smp["sample_tokens"], sft_tok + stage_done(base, "dpo")["train_tokens"]),
                   "per_step": (n, smp["samples"], ps["rollouts"], smp["sample_tokens"] + ps["rollout_tokens"],
                                sft_tok + ps["train_tokens"])}
+        if cfg.loss == "both":  # the same rollouts, trained as advantage-weighted steps
+            budget["per_step_awr"] = (n, smp["samples"], ps["rollouts"], smp["sample_tokens"] + ps["rollout_tokens"],
+                                      sft_tok + stage_done(base, "per_step_awr")["train_tokens"])
         if toy:
             budget["per_step_oracle"] = (n, smp["samples"], 0, smp["sample_tokens"],
                                          sft_tok + stage_done(base, "per_step_oracle")["train_tokens"])
@@ -2119,7 +2124,7 @@ def scaling_table(rows, credit, sizes, seconds):
 
 
 COLOURS = {"sft": "#333333", "rft": "#1f77b4", "rft_budget": "#17becf", "dpo": "#ff7f0e", "per_step": "#d62728",
-           "per_step_oracle": "#9467bd"}
+           "per_step_awr": "#8c564b", "per_step_oracle": "#9467bd"}
 
 
 def scaling_svg(rows, sizes):

@@ -938,7 +938,8 @@ def test_scaling_mode_reports_the_multipliers_of_synthetic_curves(tmp_path, monk
         return {"accuracy": 0.1 + 0.1 * math.log(times), "unparsable": 0, "n_test": len(problems)}
     monkeypatch.setattr(sn, "evaluate", fake_evaluate)
     out = str(tmp_path / "scaling")
-    rows, credit = sn.run_scaling(*scaling_args(n, out))
+    cfg, train, test = scaling_args(n, out)
+    rows, credit = sn.run_scaling(dataclasses.replace(cfg, loss="both"), train, test)
     got = {(r["seed"], r["method"]): r for r in rows}
     assert {s for s, _ in got} == {0, 1} and len(credit) == 2
     for seed in (0, 1):
@@ -946,12 +947,13 @@ def test_scaling_mode_reports_the_multipliers_of_synthetic_curves(tmp_path, monk
                                                         "per_step_oracle")}
         assert mult == {"sft": 1.0, "sft_8": 2.0, "sft_16": 4.0, "rft": 2.0, "rft_budget": 4.0, "dpo": 1.0, "per_step": 8.0,
                         "per_step_oracle": 1.0}
+        assert got[seed, "per_step_awr"]["rollouts"] == got[seed, "per_step"]["rollouts"]  # the same rollouts
         assert got[seed, "per_step"]["samples"] == n * 2 and got[seed, "sft_16"]["problems"] == 16
         assert got[seed, "rft_budget"]["samples"] >= got[seed, "rft"]["samples"]
         assert got[seed, "rft"]["tokens_trained"] > got[seed, "sft"]["tokens_trained"]
     table = open(os.path.join(out, "scaling.md")).read()
     assert "| per_step | 4 |" in table and "8 ± 0 |" in table
-    assert [json.loads(x)["stage"] for x in open(os.path.join(out, "metrics.jsonl"))].count("scaling") == 16
+    assert [json.loads(x)["stage"] for x in open(os.path.join(out, "metrics.jsonl"))].count("scaling") == 18
     # the picture: well-formed, each point where its numbers put it on a log axis
     import xml.etree.ElementTree as ET
     svg = ET.parse(os.path.join(out, "scaling.svg")).getroot()
@@ -960,7 +962,7 @@ def test_scaling_mode_reports_the_multipliers_of_synthetic_curves(tmp_path, monk
              for r in rows if r["method"] == c["data-method"]}
     mean_pt = {c["data-method"]: c for c in circles if "data-error" in c}
     ring = {c["data-method"]: c for c in circles if "data-equivalent" in c}
-    assert set(mean_pt) == {"rft", "dpo", "per_step", "rft_budget", "per_step_oracle"} and len(sft_x) == 3
+    assert set(mean_pt) == {"rft", "dpo", "per_step", "per_step_awr", "rft_budget", "per_step_oracle"} and len(sft_x) == 3
     assert float(ring["rft"]["cx"]) == pytest.approx(sft_x[8], abs=0.1)        # RFT on n is worth SFT on 2n
     assert float(ring["rft_budget"]["cx"]) == pytest.approx(sft_x[16], abs=0.1)
     step = sft_x[8] - sft_x[4]                                                   # one doubling, on a log axis
