@@ -157,6 +157,9 @@ def parse_config(argv=None):
     args = vars(ap.parse_args(argv))
     if args["n_train"] is None:  # scaling trains SFT on up to 2^doublings n; n = 500: 26-54 min, 2 cores
         args["n_train"] = 500 if args["mode"] == "scaling" else Config.n_train
+    for name in ("eval_k", "n_train", "n_test", "rollouts", "k_samples", "beta", "beta_awr"):
+        if args[name] < 0 or (args[name] == 0 and name in ("rollouts", "k_samples", "beta", "beta_awr")):
+            ap.error(f"--{name} {args[name]}: must be {'positive' if name in ('rollouts', 'k_samples', 'beta', 'beta_awr') else '0 or more'}")
     return Config(**args)
 
 
@@ -2416,6 +2419,8 @@ def main(argv=None):
         return bench_shapes(cfg, train)
     if cfg.mode == "eval":
         path = cfg.init or f"{cfg.out}/sft/model"
+        if not cfg.init and not os.path.exists(path):
+            raise SystemExit(f"error: {path}: no SFT model to evaluate; run --mode sft with this --out first, or give --init")
         run_eval(cfg, test, "init" if cfg.init else "sft", path)
         return
     if cfg.mode == "scaling":
