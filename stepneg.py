@@ -55,14 +55,18 @@ class Config:
     # what to run, on what
     mode: str = "per_step"       # what to run (README: "Two commands"); bench_* are the benchmarks
     out: str = "out"             # every stage writes under here; a finished stage is reused on restart
-    train: str = "data/train.jsonl"  # training problems (GSM8K, MATH or plain jsonl); D_syn = their solutions
-    test: str = "data/test.jsonl"    # test problems, same formats
+    task: str = "bigstep"        # the embedded task: bigstep (a pretrained base; a teacher whose steps are too big for
+                                 # it) | arith (the first toy, learned from scratch) (README: "The embedded task")
+    train: str = ""              # training problems (GSM8K, MATH or plain jsonl); D_syn = their solutions;
+                                 # "" = data/TASK/train.jsonl
+    test: str = ""               # test problems, same formats; "" = data/TASK/test.jsonl
     model: str = "tiny"          # "tiny" = build from a LlamaConfig offline; else a hub name or local folder
     init: str = ""               # an existing SFT checkpoint to use as pi_sft (skips the SFT stage)
     teacher: str = ""            # --mode synth: the more capable model that writes D_syn (a hub name or a folder)
     device: str = "auto"         # cuda when there is one
     seed: int = 0                # every random choice (init, shuffles, sampling) follows it
-    n_train: int = 1000          # training problems used by every stage (D_syn size n); 0 = all; --mode scaling: 500
+    n_train: int = 2000          # training problems used by every stage (D_syn size n); 0 = all; --task arith: 1000;
+                                 # --mode scaling: 500
     n_test: int = 0              # test problems evaluated; 0 = all
     eval_k: int = 0              # > 0: also K samples per test problem at --temperature: pass@K and maj@K
     max_len: int = 256           # tokens per prompt+response; longer examples are truncated (and counted)
@@ -70,6 +74,8 @@ class Config:
     d_model: int = 128           # width
     n_layers: int = 4            # transformer blocks
     n_heads: int = 4             # attention heads
+    base_steps: int = 1000       # --task bigstep: optimizer steps pretraining the tiny model on the task's arithmetic
+                                 # (stage "base", shared by every method); 0 = start from random weights
     # SFT (and RFT, which reuses the SFT loop)
     sft_epochs: int = 16         # passes over D_syn (and, for RFT, over D_syn plus the kept samples)
     sft_steps: int = 0           # > 0: every SFT and RFT run takes exactly this many optimizer steps, whatever its size
@@ -116,7 +122,7 @@ class Config:
 CHOICES = {"mode": ("make_data", "synth", "sft", "rft", "dpo", "per_step", "eval", "all", "scaling", "bench_rollouts",
                     "bench_dpo", "bench_shapes"),
            "device": ("auto", "cpu", "cuda"), "credit": ("first_pit", "min_advantage"), "pair_form": ("step", "full"),
-           "loss": ("dpo", "awr", "both")}
+           "loss": ("dpo", "awr", "both"), "task": ("bigstep", "arith")}
 
 
 def config_help():
@@ -156,10 +162,12 @@ def parse_config(argv=None):
                            else None, help=text)
     args = vars(ap.parse_args(argv))
     if args["n_train"] is None:  # scaling trains SFT on up to 2^doublings n; n = 500: 26-54 min, 2 cores
-        args["n_train"] = 500 if args["mode"] == "scaling" else Config.n_train
+        args["n_train"] = 500 if args["mode"] == "scaling" else 1000 if args["task"] == "arith" else Config.n_train
     for name in ("eval_k", "n_train", "n_test", "rollouts", "k_samples", "beta", "beta_awr"):
         if args[name] < 0 or (args[name] == 0 and name in ("rollouts", "k_samples", "beta", "beta_awr")):
             ap.error(f"--{name} {args[name]}: must be {'positive' if name in ('rollouts', 'k_samples', 'beta', 'beta_awr') else '0 or more'}")
+    for name in ("train", "test"):
+        args[name] = args[name] or f"data/{args['task']}/{name}.jsonl"
     return Config(**args)
 
 
@@ -242,11 +250,71 @@ def make_problem(rng):
     return {"question": " ".join(sentences), "answer": str(value), "response": "\n".join(lines + [f"The answer is {value}"])}
 
 
-def make_toy_data(seed=0, n_train=8000, n_test=500):
-    """The shipped data/ files: distinct questions, test disjoint from train. Same seed, same bytes."""
+def make_chain(rng):
+    """The bigstep task's operations: start 5-40, 3-4 of +2..40, -2..40 (only above 20, leaving at least 10), x2 / x3
+    (up to 60), /2 / /3 (when it divides). Wide enough that no answer is guessable. -> (start, [(op, n)], answer)"""
+    value = start = rng.randint(5, 40)
+    ops = []
+    for _ in range(rng.randint(3, 4)):
+        op = rng.choice(["+", "+"] + ["-", "-"] * (value > 20) + ["*"] * (value <= 60)
+                        + ["/"] * (value % 2 == 0 or value % 3 == 0))
+        n = {"+": lambda: rng.randint(2, 40), "-": lambda: rng.randint(2, min(40, value - 10)),
+             "*": lambda: rng.choice([2, 3]), "/": lambda: rng.choice([d for d in (2, 3) if value % d == 0])}[op]()
+        value = apply_op(value, op, n)
+        ops.append((op, n))
+    return start, ops, value
+
+
+def apply_op(value, op, n):
+    return {"+": value + n, "-": value - n, "*": value * n, "/": value // n}[op]
+
+
+def chain_text(start, ops, rng=None, merge=0.0):
+    """The solution, one operation a line; with probability `merge`, a run of two +/- operations is written as one
+    line ("32 - 13 + 31 = 50"): the bigstep teacher's steps, bigger than the learner can take."""
+    value, lines, i = start, [], 0
+    while i < len(ops):
+        k = 2 if (ops[i][0] in "+-" and i + 1 < len(ops) and ops[i + 1][0] in "+-" and rng and rng.random() < merge) else 1
+        new = value
+        for op, n in ops[i:i + k]:
+            new = apply_op(new, op, n)
+        lines.append(f"{value} " + " ".join(f"{op} {n}" for op, n in ops[i:i + k]) + f" = {new}")
+        value, i = new, i + k
+    return "\n".join(lines + [f"The answer is {value}"])
+
+
+def make_bigstep_problem(rng):
+    """The default task: a word problem whose D_syn solution comes from a teacher that merges half of its +/- runs.
+    -> {"question": "Pam has 32 cards. Pam gives away 13. Pam gets 31 more. Pam buys 36 more. How many cards now?",
+        "answer": "86", "response": "32 - 13 + 31 = 50\n50 + 36 = 86\nThe answer is 86"}"""
+    start, ops, value = make_chain(rng)
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    words = {"+": lambda n: f"{rng.choice(['buys', 'finds', 'gets'])} {n} more.",
+             "-": lambda n: f"{rng.choice(['gives away', 'loses', 'sells'])} {n}.",
+             "*": lambda n: f"{['doubles', 'triples'][n - 2]} them.",
+             "/": lambda n: f"keeps {['half', 'a third'][n - 2]} of them."}
+    sentences = [f"{name} has {start} {item}."] + [f"{name} {words[op](n)}" for op, n in ops]
+    return {"question": " ".join(sentences + [f"How many {item} now?"]), "answer": str(value),
+            "response": chain_text(start, ops, rng, merge=0.5)}
+
+
+def base_corpus(seed, n):
+    """What the bigstep learner is pretrained on: the task's arithmetic written out as a list of operations, solved
+    one operation a line, chained, ending in the answer line -- the primitive skills, never a word problem to read.
+    -> [{"question": "Compute 32, - 13, + 31, * 2.", "response": "32 - 13 = 19\n19 + 31 = 50\n50 * 2 = 100\n..."}]"""
+    rng, rows = random.Random(seed), []
+    for _ in range(n):
+        start, ops, _ = make_chain(rng)
+        rows.append({"question": f"Compute {start}, " + ", ".join(f"{op} {k}" for op, k in ops) + ".",
+                     "response": chain_text(start, ops)})
+    return rows
+
+
+def make_toy_data(task="bigstep", seed=0, n_train=8000, n_test=500):
+    """The shipped data/TASK/ files: distinct questions, test disjoint from train. Same seed, same bytes."""
     rng, seen, rows = random.Random(seed), set(), []
     while len(rows) < n_train + n_test:
-        p = make_problem(rng)
+        p = (make_bigstep_problem if task == "bigstep" else make_problem)(rng)
         if p["question"] not in seen:
             seen.add(p["question"])
             rows.append(p)
@@ -1695,7 +1763,7 @@ def stage_done(cfg, name):
 
 
 # What each stage's outputs are computed from: a stage that is redone makes these stale, so they are redone too.
-DOWNSTREAM = {"sft": ["eval_sft", "samples", "rft"], "samples": ["rft", "dpo", "per_step", "per_step_awr", "per_step_oracle"],
+DOWNSTREAM = {"base": ["sft", "rft"], "sft": ["eval_sft", "samples", "rft"], "samples": ["rft", "dpo", "per_step", "per_step_awr", "per_step_oracle"],
               "rft": ["eval_rft"], "dpo": ["eval_dpo"], "per_step": ["eval_per_step"],
               "per_step_awr": ["eval_per_step_awr"], "per_step_oracle": ["eval_per_step_oracle"]}
 
@@ -1746,6 +1814,26 @@ def run_synth(cfg, train):
     print(f"D_syn: {len(kept)} of {len(train)} problems solved by {cfg.teacher} in {cfg.k_samples} samples "
           f"({st['tokens']} tokens) -> {cfg.out}/synth/train.jsonl (use it as --train)")
     return kept
+
+
+def run_base(cfg):
+    """The pretrained base every method starts from (--task bigstep with --model tiny), as the paper's methods all start
+    from one pretrained LLM: the tiny model trained for --base_steps on fresh chains of the task's arithmetic, one
+    operation a line, each seen once (base_corpus) -- the primitive skills, never a word problem. Cached in
+    out/base. -> cfg with --model pointing at it (unchanged for any other task or model)."""
+    if cfg.task != "bigstep" or cfg.model != "tiny" or not cfg.base_steps:
+        return cfg
+    path = f"{cfg.out}/base/model"
+    if not stage_done(cfg, "base"):
+        t0 = time.time()
+        model, tok = load_model(cfg, "tiny")
+        os.makedirs(f"{cfg.out}/base", exist_ok=True)
+        res = train_sft(model, tok, base_corpus(cfg.seed, cfg.base_steps * cfg.batch_size),
+                        dataclasses.replace(cfg, sft_steps=cfg.base_steps), 1, cfg.lr, "base",
+                        f"{cfg.out}/base/train_state.pt")
+        save_model(model, tok, path)
+        finish_stage(cfg, "base", {**res, "wall_s": round(time.time() - t0, 1)})
+    return dataclasses.replace(cfg, model=path)
 
 
 def run_sft(cfg, train):
@@ -1902,6 +1990,7 @@ def summary(cfg, names):
 def run_pipeline(cfg, train, test, stages):
     """pi_sft, then each requested stage from it ("rft", "dpo", "per_step"), every model evaluated on test.
     -> {stage: eval result}"""
+    cfg = run_base(cfg)
     sft = run_sft(cfg, train)
     results = {"sft": run_eval(cfg, test, "sft", sft)}
     if "rft" in stages:
@@ -1939,33 +2028,82 @@ def equivalent_size(error, a, b):
     return math.exp((error - a) / b) if b < 0 else None
 
 
-TOY_SOLUTION = re.compile(r"(-?\d+ [-+*/] \d+ = -?\d+\n)+The answer is -?\d+")
+TOY_SENTENCE = re.compile(r"(buys|finds|gets) (\d+) more|(gives away|loses|sells) (\d+)\.|(doubles|triples|quadruples) "
+                          r"them|keeps (half|a third|a quarter) of")
+TOY_STEP = re.compile(r"(-?\d+)((?: [-+*/] \d+)+) = (-?\d+)\n?")
+
+
+def toy_chain(question):
+    """An embedded task's question read back into its chain: "Mia has 7 pens. Mia buys 5 more. Mia doubles them. ..."
+    -> (7, [("+", 5), ("*", 2)]); None for any other question (real data has no computable truth)."""
+    start = re.match(r"\w+ has (\d+) \w+\.", question)
+    if not start:
+        return None
+    ops = []
+    for m in TOY_SENTENCE.finditer(question):
+        if m[1]:
+            ops.append(("+", int(m[2])))
+        elif m[3]:
+            ops.append(("-", int(m[4])))
+        elif m[5]:
+            ops.append(("*", ["doubles", "triples", "quadruples"].index(m[5]) + 2))
+        else:
+            ops.append(("/", ["half", "a third", "a quarter"].index(m[6]) + 2))
+    return int(start[1]), ops
 
 
 def has_toy_truth(problems):
-    return all(p["response"] and TOY_SOLUTION.fullmatch(p["response"]) for p in problems)
+    return all(toy_chain(p["question"]) and p["response"] and first_wrong_step(split_steps(p["response"]), p["question"])
+               is None for p in problems)
 
 
-def first_wrong_step(steps, reference):
-    """Toy truth: the first step (1-based) that differs from the exact solution's step, or None if none does."""
+def first_wrong_step(steps, question):
+    """The truth on an embedded task: the first step (1-based) that is wrong, or None if none is. A step is right when
+    it starts from the running value, applies the question's next operation in order (or a run of +/- operations in
+    one line, which reads the same left to right) and computes it exactly; the last step must be "The answer is"
+    the final value, after every operation."""
+    value, ops = toy_chain(question)
+    done = 0
     for i, step in enumerate(steps):
-        if i >= len(reference) or step.strip() != reference[i].strip():
-            return i + 1
-    return None
+        m = TOY_STEP.fullmatch(step.strip())
+        if m and int(m[1]) == value:
+            mine = [(op, int(n)) for op, n in re.findall(r"([-+*/]) (\d+)", m[2])]
+            if mine == ops[done:done + len(mine)] and (len(mine) == 1 or all(op in "+-" for op, _ in mine)):
+                for op, n in mine:
+                    value = apply_op(value, op, n)
+                done += len(mine)
+                if value == int(m[3]):
+                    continue
+        if i == len(steps) - 1 and done == len(ops) and step.strip() == f"The answer is {value}":
+            return None
+        return i + 1
+    return len(steps) + 1  # ran out of steps before the answer
+
+
+def exact_rest(question, prefix):
+    """The exact solution after a right prefix of steps, one operation a line (what the oracle prefers)."""
+    value, ops = toy_chain(question)
+    done = 0
+    for step in prefix:
+        m = TOY_STEP.fullmatch(step.strip())
+        done += len(re.findall(r"[-+*/] \d+", m[2]))
+        value = int(m[3])
+    return chain_text(value, ops[done:])
 
 
 def oracle_pairs(problems, samples, cfg):
-    """Toy only: per-step pairs from the truth instead of rollouts, to tell bad credit from a weak signal. For each
-    negative kept by per-step, c = its first wrong step; prompt = x + the right steps before it, chosen = the exact
-    solution from step c on, rejected = step c alone (the per_step_pairs step form, with perfect credit)."""
+    """Embedded tasks only: per-step pairs from the truth instead of rollouts, to tell bad credit from a weak signal.
+    For each negative kept by per-step, c = its first wrong step; prompt = x + its right steps before it, chosen = the
+    exact solution from there on, rejected = step c alone (the per_step_pairs step form, with perfect credit)."""
     pairs = []
     for n in collect_negatives(problems, samples, cfg.max_negatives):
-        steps, ref = split_steps(n["response"], cfg.step_cap), split_steps(problems[n["pid"]]["response"], cfg.step_cap)
-        c = first_wrong_step(steps, ref)
-        if c is not None and c <= len(ref):  # a negative longer than the exact solution has no true step c
-            pairs.append({"prompt": PROMPT.format(question=problems[n["pid"]]["question"]) + "".join(ref[:c - 1]),
-                          "chosen": "".join(ref[c - 1:]), "rejected": steps[c - 1], "rejected_complete": False,
-                          "pid": n["pid"], "nid": n["nid"], "pit": c})
+        question = problems[n["pid"]]["question"]
+        steps = split_steps(n["response"], cfg.step_cap)
+        c = first_wrong_step(steps, question)
+        if c is not None and c <= len(steps):  # a negative that stops short has no wrong step to push down
+            pairs.append({"prompt": PROMPT.format(question=question) + "".join(steps[:c - 1]),
+                          "chosen": exact_rest(question, steps[:c - 1]), "rejected": steps[c - 1],
+                          "rejected_complete": False, "pid": n["pid"], "nid": n["nid"], "pit": c})
     return pairs
 
 
@@ -1986,11 +2124,10 @@ def credit_report(cfg, train):
     useless step (the paper's spurious steps), and whether per-step DPO lowers their log-probability."""
     if not has_toy_truth(train):
         return {}
-    ref = [split_steps(p["response"], cfg.step_cap) for p in train]
     pairs = read_jsonl(f"{cfg.out}/per_step/pairs.jsonl")
     negs = {n["nid"]: n for n in collect_negatives(train, read_jsonl(f"{cfg.out}/samples/samples.jsonl"),
                                                     cfg.max_negatives)}
-    truth = [first_wrong_step(split_steps(negs[p["nid"]]["response"], cfg.step_cap), ref[p["pid"]]) for p in pairs]
+    truth = [first_wrong_step(split_steps(negs[p["nid"]]["response"], cfg.step_cap), train[p["pid"]]["question"]) for p in pairs]
     # re-estimate: M fresh rollouts (another seed) from each pit prefix x + y_{1:c}; agreement = none succeeds
     sft, tok = load_model(cfg, f"{cfg.out}/sft/model")
     prefixes = ["".join(split_steps(negs[p["nid"]]["response"], cfg.step_cap)[:p["pit"]]) for p in pairs]
@@ -2000,10 +2137,15 @@ def credit_report(cfg, train):
                                "re-estimating pit prefixes")
     dead = [not any(reward(prefixes[k] + texts[f"{k}/{j}"], train[p["pid"]]["gold"]) for j in range(cfg.rollouts))
             for k, p in enumerate(pairs)]
+    # a load-bearing chain: rollouts from x + y_{1:w}, w a negative's true first wrong step, rarely reach the answer
+    # (the per-step stage's own rollouts, read back from its cache: nothing is generated here)
+    Q = step_values(sft, tok, train, list(negs.values()), cfg, f"{cfg.out}/per_step")[0]
+    wrong_at = {nid: first_wrong_step(n["steps"], train[n["pid"]]["question"]) for nid, n in negs.items()}
+    recover = [Q[nid][w - 1] for nid, w in wrong_at.items() if w and w < len(negs[nid]["steps"]) and Q[nid][w - 1] is not None]
     # spurious steps: correct samples whose steps differ from the exact solution; RFT positives among them
     samples = read_jsonl(f"{cfg.out}/samples/samples.jsonl")
     correct = [(pid, t) for pid, s in enumerate(samples) for t, ok in zip(s["responses"], s["correct"]) if ok]
-    is_spurious = lambda pid, t: first_wrong_step(split_steps(t, cfg.step_cap), ref[pid]) is not None  # noqa: E731
+    is_spurious = lambda pid, t: first_wrong_step(split_steps(t, cfg.step_cap), train[pid]["question"]) is not None  # noqa: E731
     by_q = {p["question"]: pid for pid, p in enumerate(train)}
     positives = [(by_q[p["question"]], p["response"]) for p in rft_positives(train, samples, cfg.rft_cap)]
     spurious = [(pid, t) for pid, t in positives if is_spurious(pid, t)][:512]
@@ -2022,6 +2164,7 @@ def credit_report(cfg, train):
             "pit_histogram": (stage_done(cfg, "per_step") or {}).get("pit_histogram", {}),
             "first_wrong_histogram": {str(c): truth.count(c) for c in sorted(set(truth), key=str)},
             "reestimate_agrees": round(sum(dead) / n, 3),
+            "success_after_a_wrong_step": round(sum(recover) / max(1, len(recover)), 3),
             "correct_samples_with_wrong_step": round(sum(is_spurious(*c) for c in correct) / max(1, len(correct)), 3),
             "rft_positives": len(positives),
             "rft_positives_with_wrong_step": round(sum(is_spurious(*c) for c in positives) / max(1, len(positives)), 3),
@@ -2045,8 +2188,10 @@ def run_scaling(cfg, train, test):
           f"and DPO on the first {n}; SFT is most of the time (README: measured wall times)")
     rows, credit = [], []
     for seed in range(cfg.seed, cfg.seed + cfg.seeds):
+        model = run_base(dataclasses.replace(cfg, seed=seed, out=f"{cfg.out}/seed{seed}")).model  # one base a seed
+
         def sub(name, m, **kw):
-            c = dataclasses.replace(cfg, seed=seed, n_train=m, out=f"{cfg.out}/seed{seed}/{name}", **kw)
+            c = dataclasses.replace(cfg, seed=seed, n_train=m, out=f"{cfg.out}/seed{seed}/{name}", model=model, **kw)
             check_out_folder(c)
             return c
         acc = {}
@@ -2395,10 +2540,11 @@ def main(argv=None):
     start_processes(cfg)
     print("config:", json.dumps(dataclasses.asdict(cfg)))
     if cfg.mode == "make_data":
-        train, test = make_toy_data()
-        write_jsonl("data/train.jsonl", train)
-        write_jsonl("data/test.jsonl", test)
-        print(f"wrote data/train.jsonl ({len(train)}) and data/test.jsonl ({len(test)})")
+        for task in CHOICES["task"]:
+            train, test = make_toy_data(task)
+            write_jsonl(f"data/{task}/train.jsonl", train)
+            write_jsonl(f"data/{task}/test.jsonl", test)
+            print(f"wrote data/{task}/train.jsonl ({len(train)}) and data/{task}/test.jsonl ({len(test)})")
         return
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)

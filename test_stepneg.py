@@ -1,4 +1,5 @@
 """Tests for stepneg.py. Run: python -m pytest -q"""
+import collections
 import dataclasses
 import json
 import math
@@ -254,7 +255,7 @@ def test_a_slow_first_sympy_import_is_not_cut_by_the_time_limit():
 
 
 def test_every_shipped_solution_checks_correct():
-    for p in sn.load_problems(os.path.join(HERE, "data/train.jsonl"), 500):
+    for p in sn.load_problems(os.path.join(HERE, "data/arith/train.jsonl"), 500):
         assert sn.reward(p["response"], p["gold"]) == 1
 
 
@@ -264,12 +265,31 @@ def test_every_shipped_solution_checks_correct():
 
 
 def test_make_data_reproduces_shipped_files_byte_for_byte(tmp_path):
-    train, test = sn.make_toy_data()
-    sn.write_jsonl(str(tmp_path / "train.jsonl"), train)
-    sn.write_jsonl(str(tmp_path / "test.jsonl"), test)
-    for name in ("train.jsonl", "test.jsonl"):
-        assert (tmp_path / name).read_bytes() == open(os.path.join(HERE, "data", name), "rb").read()
-    assert not {p["question"] for p in train} & {p["question"] for p in test}
+    for task in ("bigstep", "arith"):
+        train, test = sn.make_toy_data(task)
+        sn.write_jsonl(str(tmp_path / "train.jsonl"), train)
+        sn.write_jsonl(str(tmp_path / "test.jsonl"), test)
+        for name in ("train.jsonl", "test.jsonl"):
+            assert (tmp_path / name).read_bytes() == open(os.path.join(HERE, "data", task, name), "rb").read()
+        assert not {p["question"] for p in train} & {p["question"] for p in test}
+
+
+def test_bigstep_answers_cannot_be_guessed_and_its_teacher_takes_big_steps():
+    train = sn.load_problems(os.path.join(HERE, "data/bigstep/train.jsonl"))
+    test = sn.load_problems(os.path.join(HERE, "data/bigstep/test.jsonl"))
+    top = collections.Counter(p["gold"] for p in train).most_common(1)[0][0]
+    assert sum(p["gold"] == top for p in test) / len(test) <= 0.02                   # the best constant answer
+    last = sum(re.findall(r"\d+", p["question"])[-1] == p["gold"] for p in test) / len(test)
+    assert last <= 0.02                                                              # the question's last number
+    assert all(sn.first_wrong_step(sn.split_steps(p["response"]), p["question"]) is None for p in train)
+    lines = [line for p in train for line in p["response"].split("\n")[:-1]]
+    merged = sum(len(re.findall(r" [-+*/] ", line)) == 2 for line in lines) / len(lines)
+    assert 0.12 < merged < 0.2 and all(len(re.findall(r" [-+*/] ", line)) <= 2 for line in lines)
+    base = sn.base_corpus(0, 2000)
+    assert all(e["question"].startswith("Compute ") and sn.toy_chain(e["question"]) is None
+               and not set(e["question"].split()) & set(sn.TOY_WORDS) for e in base)  # never a word problem
+    assert all(sn.TOY_STEP.fullmatch(line) and len(re.findall(r" [-+*/] ", line)) == 1
+               for e in base for line in e["response"].split("\n")[:-1])             # one operation a line
 
 
 def test_reads_gsm8k_math_and_plain(tmp_path):
@@ -399,7 +419,7 @@ def test_a_row_stops_after_its_finished_answer_line():
 
 def test_tiny_tokenizer_is_lossless_and_spells_toy_words_as_one_token():
     tok = sn.tiny_tokenizer()
-    row = sn.load_problems("data/train.jsonl", 1)[0]
+    row = sn.load_problems("data/arith/train.jsonl", 1)[0]
     text = sn.PROMPT.format(question=row["question"]) + row["response"] + "\nnaïve ∫ 0.5x^2 {}\n"
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert tok.decode(ids) == text  # anything the toy's words don't cover falls back to bytes
@@ -424,8 +444,13 @@ def test_help_explains_every_flag_from_the_config_block(capsys):
             sn.parse_config(bad)
 
 
-def test_n_train_default_depends_on_the_mode():
-    assert sn.parse_config([]).n_train == 1000
+def test_defaults_depend_on_the_mode_and_task():
+    cfg = sn.parse_config([])
+    assert (cfg.task, cfg.n_train, cfg.train, cfg.test) == ("bigstep", 2000, "data/bigstep/train.jsonl",
+                                                            "data/bigstep/test.jsonl")
+    cfg = sn.parse_config(["--task", "arith"])
+    assert (cfg.n_train, cfg.train, cfg.test) == (1000, "data/arith/train.jsonl", "data/arith/test.jsonl")
+    assert sn.parse_config(["--task", "arith", "--train", "x.jsonl"]).train == "x.jsonl"
     assert sn.parse_config(["--mode", "scaling"]).n_train == 500
     assert sn.parse_config(["--mode", "scaling", "--n_train", "64"]).n_train == 64
 
@@ -828,7 +853,7 @@ def test_pass_at_k_and_majority_vote_on_scripted_samples(tmp_path, monkeypatch):
 # Whole runs on a miniature config
 # ----------------------------------------------------------------------------------------------------------------
 
-MINI = ["--train", os.path.join(HERE, "data/train.jsonl"), "--test", os.path.join(HERE, "data/test.jsonl"), "--n_train", "12", "--n_test", "6", "--d_model", "32", "--n_layers", "1", "--n_heads", "2", "--sft_epochs", "1",
+MINI = ["--task", "arith", "--train", os.path.join(HERE, "data/arith/train.jsonl"), "--test", os.path.join(HERE, "data/arith/test.jsonl"), "--n_train", "12", "--n_test", "6", "--d_model", "32", "--n_layers", "1", "--n_heads", "2", "--sft_epochs", "1",
         "--k_samples", "2", "--max_new_tokens", "16", "--rollouts", "2", "--batch_size", "8", "--dpo_epochs", "1"]
 
 
@@ -852,10 +877,31 @@ def test_every_mode_runs_on_a_miniature_config(tmp_path):
     assert all("pass@2" in sn.stage_done(sn.Config(out=both), f"eval_{s}") for s in ("sft", "per_step", "per_step_awr"))
 
 
+def test_bigstep_learner_starts_from_one_cached_base(tmp_path, monkeypatch):
+    out, loaded, trained = str(tmp_path / "run"), [], []
+    load, train = sn.load_model, sn.train_sft
+    monkeypatch.setattr(sn, "load_model", lambda cfg, path: loaded.append(path) or load(cfg, path))
+    monkeypatch.setattr(sn, "train_sft", lambda m, t, ex, cfg, *a, **k: trained.append((a[2], cfg.sft_steps, ex[:2]))
+                        or train(m, t, ex, cfg, *a, **k))
+    big = MINI[2:] + ["--base_steps", "3", "--out", out]  # the default task, bigstep; MINI's arith data stand in
+    sn.main(big + ["--mode", "rft"])
+    base = f"{out}/base/model"
+    assert loaded[:2] == ["tiny", base] and loaded.count(base) == 2 and loaded.count("tiny") == 1  # SFT, RFT from it
+    assert [(d, s) for d, s, _ in trained] == [("base", 3), ("sft", 0), ("rft", 0)]
+    assert all(e["question"].startswith("Compute ") for e in trained[0][2])
+    first = sn.load_model(sn.Config(), base)[0].state_dict()
+    loaded.clear(), trained.clear()
+    sn.main(big + ["--mode", "per_step"])  # the base, SFT and samples are reused
+    assert "tiny" not in loaded and [d for d, _, _ in trained] == [] and sn.stage_done(sn.Config(out=out), "base")
+    assert all(torch.equal(v, sn.load_model(sn.Config(), base)[0].state_dict()[k]) for k, v in first.items())
+    sn.main(MINI + ["--mode", "sft", "--out", str(tmp_path / "arith")])
+    assert not os.path.exists(tmp_path / "arith" / "base")  # the first toy learns from scratch, as before
+
+
 def test_scripted_policy_run_builds_pairs_and_trains(tmp_path, monkeypatch):
     """The whole per-step chain with a policy that is right half the time, so negatives, pits and pairs exist."""
-    gold = {p["question"]: p["gold"] for p in sn.load_problems(os.path.join(HERE, "data/train.jsonl"), 12)}
-    gold.update({p["question"]: p["gold"] for p in sn.load_problems(os.path.join(HERE, "data/test.jsonl"), 6)})
+    gold = {p["question"]: p["gold"] for p in sn.load_problems(os.path.join(HERE, "data/arith/train.jsonl"), 12)}
+    gold.update({p["question"]: p["gold"] for p in sn.load_problems(os.path.join(HERE, "data/arith/test.jsonl"), 6)})
     calls = {"n": 0}
 
     def half_right(model, tok, prompts, temperature, max_new, seed):
@@ -980,12 +1026,23 @@ def test_scaling_mode_reports_the_multipliers_of_synthetic_curves(tmp_path, monk
 
 
 def test_first_wrong_step_is_the_toy_truth():
-    ref = sn.split_steps("7 + 5 = 12\n12 - 3 = 9\nThe answer is 9")
-    assert sn.first_wrong_step(ref, ref) is None
-    assert sn.first_wrong_step(sn.split_steps("7 + 5 = 12\n12 - 3 = 8\nThe answer is 8"), ref) == 2
-    assert sn.first_wrong_step(sn.split_steps("7 + 5 = 11\n11 - 3 = 9\nThe answer is 9"), ref) == 1  # spurious
-    assert sn.first_wrong_step(sn.split_steps("7 + 5 = 12\n12 - 3 = 9\n9 + 0 = 9\nThe answer is 9"), ref) == 3
-    assert all(sn.TOY_SOLUTION.fullmatch(p["response"]) for p in sn.load_problems(f"{HERE}/data/train.jsonl", 50))
+    q = "Mia has 7 pens. Mia buys 5 more. Mia gives away 3. Mia doubles them. How many pens now?"
+    assert sn.toy_chain(q) == (7, [("+", 5), ("-", 3), ("*", 2)])
+    assert sn.toy_chain("What is 2 + 2?") is None
+    wrong = lambda text: sn.first_wrong_step(sn.split_steps(text), q)  # noqa: E731
+    assert wrong("7 + 5 = 12\n12 - 3 = 9\n9 * 2 = 18\nThe answer is 18") is None
+    assert wrong("7 + 5 - 3 = 9\n9 * 2 = 18\nThe answer is 18") is None              # a big step, taken right
+    assert wrong("7 + 5 - 3 = 10\n10 * 2 = 20\nThe answer is 20") == 1               # a big step, taken wrong
+    assert wrong("7 + 5 = 12\n12 - 3 * 2 = 18\nThe answer is 18") == 2   # only +/- runs share a line (12 - 6)
+    assert wrong("7 + 5 = 12\n12 * 2 = 24\n24 - 3 = 21\nThe answer is 21") == 2     # out of order
+    assert wrong("7 + 5 = 12\n12 - 3 = 8\n8 * 2 = 16\nThe answer is 16") == 2
+    assert wrong("7 + 5 = 11\n11 - 3 = 8\n8 * 2 = 16\nThe answer is 18") == 1       # right answer, wrong step
+    assert wrong("7 + 5 = 12\n12 - 3 = 9\n9 * 2 = 18\n18 + 0 = 18\nThe answer is 18") == 4
+    assert wrong("7 + 5 = 12\n12 - 3 = 9\n9 * 2 = 18\nThe answer is 9") == 4        # the answer line counts
+    assert wrong("7 + 5 = 12\n") == 2                                                  # stops short: past the end
+    assert sn.exact_rest(q, ["7 + 5 - 3 = 9\n"]) == "9 * 2 = 18\nThe answer is 18"
+    assert sn.has_toy_truth(sn.load_problems(f"{HERE}/data/arith/train.jsonl", 200))
+    assert sn.has_toy_truth(sn.load_problems(f"{HERE}/data/bigstep/train.jsonl", 200))
 
 
 def test_oracle_pairs_put_the_pit_on_the_true_first_wrong_step():
@@ -1059,7 +1116,7 @@ def test_sigkilled_run_resumes_to_identical_pairs_weights_and_metrics(tmp_path):
     import sys
     from safetensors.torch import load_file
     (tmp_path / "killable.py").write_text(KILLABLE)
-    env = {**os.environ, "PYTHONPATH": HERE, "GOLD_FILES": f"{HERE}/data/train.jsonl,{HERE}/data/test.jsonl"}
+    env = {**os.environ, "PYTHONPATH": HERE, "GOLD_FILES": f"{HERE}/data/arith/train.jsonl,{HERE}/data/arith/test.jsonl"}
     args = MINI + ["--mode", "per_step", "--sft_epochs", "3", "--dpo_epochs", "2", "--gen_batch", "8",
                    "--ckpt_every", "1"]
 
@@ -1194,7 +1251,7 @@ def test_bf16_weights_take_updates_smaller_than_their_resolution():
 
 
 def test_bench_shapes_runs_every_stage_of_a_small_shape(tmp_path):
-    train = sn.load_problems(os.path.join(HERE, "data/train.jsonl"), 20)
+    train = sn.load_problems(os.path.join(HERE, "data/arith/train.jsonl"), 20)
     cfg = sn.Config(out=str(tmp_path), device="cpu", max_new_tokens=6, rollouts=2, batch_size=8)
     shape = {"small": dict(model_type="qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                            num_attention_heads=4, num_key_value_heads=2, vocab_size=700)}
@@ -1238,7 +1295,7 @@ def test_micro_batches_make_the_same_update_as_the_whole_batch(stage):
 
 
 def test_synth_mode_writes_d_syn_from_the_teachers_correct_samples(tmp_path, monkeypatch):
-    problems = sn.load_problems(os.path.join(HERE, "data/train.jsonl"), 12)
+    problems = sn.load_problems(os.path.join(HERE, "data/arith/train.jsonl"), 12)
     gold = {p["question"]: p["gold"] for p in problems}
 
     def teacher(model, tok, prompts, temperature, max_new, seed):  # solves every other problem, on its 2nd sample
