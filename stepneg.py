@@ -1987,6 +1987,39 @@ def summary(cfg, names):
     return text
 
 
+def worked_example(cfg, train):
+    """Credit assignment on one negative of this run's own data, as a reader wants to see it: the question, the
+    negative's steps, Q-hat of every prefix with its rollout counts, the pit and why, and the pair it became (and, on
+    an embedded task, the true first wrong step). The first pair whose pit is at step 2 or later. -> markdown"""
+    pairs = read_jsonl(f"{cfg.out}/per_step/pairs.jsonl")
+    pair = next((p for p in pairs if p["pit"] >= 2), pairs[0] if pairs else None)
+    if pair is None:
+        return ""
+    prob, M, c = train[pair["pid"]], cfg.rollouts, pair["pit"]
+    neg = next(n for n in collect_negatives(train, read_jsonl(f"{cfg.out}/samples/samples.jsonl"), cfg.max_negatives)
+               if n["nid"] == pair["nid"])
+    steps, q = split_steps(neg["response"], cfg.step_cap), pair["q"]
+    show = lambda t: t.strip().replace("\n", " / ") or "(empty)"  # noqa: E731
+    lines = [f"Question: {prob['question']} (answer {prob['gold']})", "",
+             "| prefix | last step | Q-hat (rollouts reaching the answer) |", "|---|---|---|",
+             f"| x | - | {q[0]:.2f} ({round(q[0] * cfg.k_samples)} of the {cfg.k_samples} samples at x) |"]
+    for i, step in enumerate(steps, 1):
+        value = ("not rolled out: past the pit" if q[i] is None else "0 (the negative's own final answer is wrong)"
+                 if i == len(steps) else f"{q[i]:.2f} ({round(q[i] * M)}/{M})")
+        lines.append(f"| x + y_{'1..y_' * (i > 1)}{i} | {show(step)} | {value} |")
+    why = (f"the first prefix from which no rollout reaches the answer (Q-hat_{c} = 0, Q-hat_{c - 1} = {q[c - 1]:.2f})"
+           if cfg.credit == "first_pit" else f"the largest drop in Q-hat ({q[c - 1]:.2f} -> {q[c]:.2f})")
+    lines += ["", f"Pit: step {c}, {why}."]
+    if toy_chain(prob["question"]):
+        lines.append(f"The task's truth: the first wrong step is step {first_wrong_step(steps, prob['question'])}.")
+    lines += ["", "The pair it became (DPO raises chosen over rejected, after the same prompt):",
+              f"- prompt ends: ...{show(pair['prompt'].split('Answer:')[-1])[-60:] or 'Answer:'}",
+              f"- chosen:   {show(pair['chosen'])}", f"- rejected: {show(pair['rejected'])}"]
+    text = "\n".join(lines)
+    write_text(f"{cfg.out}/per_step/example.md", text + "\n")
+    return text
+
+
 def run_pipeline(cfg, train, test, stages):
     """pi_sft, then each requested stage from it ("rft", "dpo", "per_step"), every model evaluated on test.
     -> {stage: eval result}"""
@@ -2004,6 +2037,8 @@ def run_pipeline(cfg, train, test, stages):
     if "per_step" in stages and cfg.loss in ("awr", "both"):
         results["per_step_awr"] = run_eval(cfg, test, "per_step_awr", run_awr(cfg, train, sft))
     print("\n" + summary(cfg, list(results)))
+    if "per_step" in results:
+        print("\nOne negative, step by step (per_step/example.md):\n" + worked_example(cfg, train))
     return results
 
 

@@ -920,6 +920,12 @@ def test_scripted_policy_run_builds_pairs_and_trains(tmp_path, monkeypatch):
     assert all(p["ref_chosen_logps"] < 0 and p["ref_rejected_logps"] < 0 for p in pairs)  # pi_sft's, stored with them
     assert sn.read_jsonl(os.path.join(out, "dpo/pairs.jsonl"))
     assert "| per_step |" in open(os.path.join(out, "summary.md")).read()
+    example, pick = open(os.path.join(out, "per_step/example.md")).read(), next(p for p in pairs if p["pit"] >= 2)
+    question = sn.load_problems(os.path.join(HERE, "data/arith/train.jsonl"), 12)[pick["pid"]]["question"]
+    assert example.startswith(f"Question: {question}") and f"Pit: step {pick['pit']}, the first prefix" in example
+    assert "The task's truth: the first wrong step is step 1." in example  # "1 + 1 = 3" starts from no question's value
+    assert f"- rejected: {pick['rejected'].strip()}" in example and "(8/8)" not in example  # M = 2 rollouts here
+    assert re.search(r"\| x \+ y_1 \| 1 \+ 1 = 3 \| \d\.\d\d \(\d/2\) \|", example)
 
 
 def test_changed_setting_against_existing_folder_is_refused(tmp_path):
