@@ -1204,17 +1204,21 @@ def collect_negatives(problems, samples, cap):
     return negs
 
 
-def step_values(model, tok, problems, negatives, cfg, out_dir):
-    """Q-hat for every step prefix of every negative, explored round by round (prefix length i = 1, 2, ...).
-    Each round sends all live prefixes of all negatives to the model as big batches of prefixes x M rows.
-    Q_i = fraction of the M rollouts from x + y_{1:i} whose final answer is correct; Q_L = r(x, y) = 0 needs none.
-    With credit=first_pit a negative leaves the search once a prefix has Q = 0 (its pit is found).
-    -> {nid: [Q_1, ..., Q_L] (None where not explored)}, {nid: {i: [correct continuations]}}, accounting."""
+def step_values(model, tok, problems, samples, negatives, cfg, out_dir):
+    """Q-hat of every step prefix of every negative, one convention for both returns: index i is the prefix
+    x + y_{1:i}, 1-based like the paper's y_1 ... y_L, and i = 0 is x alone (valued by the k samples already drawn
+    there). Prefixes are explored round by round (i = 1, 2, ...), each round sending all live prefixes of all
+    negatives to the model as big batches of prefixes x M rows: Q_i = the fraction of the M rollouts from
+    x + y_{1:i} whose final answer is correct; Q_L = r(x, y) = 0 needs none. With credit=first_pit a negative leaves
+    the search once a prefix has Q = 0 (its pit is found).
+    -> {nid: [Q_0, Q_1, ..., Q_L] (None where not explored)}, {nid: {i: [correct continuations of x + y_{1:i}]}},
+       accounting"""
     M, Q, wins, spent, tokens, new_tokens, seconds = cfg.rollouts, {}, {}, 0, 0, 0, 0.0
     for n in negatives:
+        s = samples[n["pid"]]
         n["steps"] = split_steps(n["response"], cfg.step_cap)
-        Q[n["nid"]] = [None] * (len(n["steps"]) - 1) + [0.0]
-        wins[n["nid"]] = {}
+        Q[n["nid"]] = [sum(s["correct"]) / len(s["correct"])] + [None] * (len(n["steps"]) - 1) + [0.0]
+        wins[n["nid"]] = {0: [t for t, ok in zip(s["responses"], s["correct"]) if ok]}
     live = [n for n in negatives if len(n["steps"]) > 1]
     max_L = max((len(n["steps"]) for n in negatives), default=0)
     for i in range(1, max_L):
@@ -1233,79 +1237,67 @@ def step_values(model, tok, problems, negatives, cfg, out_dir):
         for n in live:
             prefix = "".join(n["steps"][:i])
             conts = [texts[f"{n['nid']}/{i}/{j}"] for j in range(M)]
-            ok = [c for c in conts if reward(prefix + c, problems[n["pid"]]["gold"])]
-            Q[n["nid"]][i - 1] = len(ok) / M
-            wins[n["nid"]][i] = ok
+            wins[n["nid"]][i] = [c for c in conts if reward(prefix + c, problems[n["pid"]]["gold"])]
+            Q[n["nid"]][i] = len(wins[n["nid"]][i]) / M
         if cfg.credit == "first_pit":
-            live = [n for n in live if Q[n["nid"]][i - 1] > 0]
+            live = [n for n in live if Q[n["nid"]][i] > 0]
     return Q, wins, {"rollouts": spent, "rollout_tokens": tokens, "rollout_s": round(seconds, 1),
                      "rollout_tokens_per_s": round(new_tokens / seconds) if new_tokens else None}
 
 
-def find_pit(q0, qs, rule):
-    """The critical step c (1-based) of a negative from its prefix values, or None (no pair).
-    first_pit:      the first i with Q_i = 0, needing Q_{i-1} > 0.   q0=0.5, qs=[1, .25, 0, 0] -> 3
-    min_advantage:  argmin_i A_i, A_i = Q_i - Q_{i-1}, if negative.  q0=0.5, qs=[1, .25, 0, 0] -> 2 (A = -.75)"""
-    values = [q0] + list(qs)
+def find_pit(values, rule):
+    """The critical step c (1-based) of a negative from its values [Q_0, Q_1, ..., Q_L], or None (no pair).
+    first_pit:      the first i with Q_i = 0, needing Q_{i-1} > 0.   [.5, 1, .25, 0, 0] -> 3
+    min_advantage:  argmin_i A_i, A_i = Q_i - Q_{i-1}, if negative.  [.5, 1, .25, 0, 0] -> 2 (A = -.75)"""
     if rule == "first_pit":
         for i in range(1, len(values)):
             if values[i] == 0:
                 return i if values[i - 1] > 0 else None
         return None
-    adv = [values[i] - values[i - 1] for i in range(1, len(values))]
-    c = min(range(len(adv)), key=lambda k: adv[k])
-    return c + 1 if adv[c] < 0 else None
+    adv = {i: values[i] - values[i - 1] for i in range(1, len(values))}
+    c = min(adv, key=adv.get)
+    return c if adv[c] < 0 else None
 
 
-def per_step_pairs(problems, samples, negatives, Q, wins, cfg):
+def per_step_pairs(problems, negatives, Q, wins, cfg):
     """The per-step DPO pairs, in the shared-prefix form Self-Explore ships. For a pit at step c of negative y-:
-      step form: prompt = x + y-_{1:c-1}, chosen = shortest correct rollout from that prompt (+EOS),
-                 rejected = y-_c alone (no EOS: it is a partial solution)
-      full form: prompt = x, chosen = a full correct solution, rejected = y-_{1:c} (no EOS)
-    {"prompt": "Question: ...\\nAnswer:\\n7 + 5 = 12\\n", "chosen": "12 - 3 = 9\\nThe answer is 9",
-     "rejected": "12 - 3 = 8\\n", ...}"""
+      step form: prompt = x + y-_{1:c-1}, chosen = the shortest correct continuation of that prompt (a rollout, or
+                 at c = 1 a correct sample) (+EOS), rejected = y-_c alone (no EOS: it is a partial solution)
+      full form: prompt = x, chosen = the shortest correct sample, rejected = y-_{1:c} (no EOS)
+    {"prompt": "Question: ...\nAnswer:\n7 + 5 = 12\n", "chosen": "12 - 3 = 9\nThe answer is 9",
+     "rejected": "12 - 3 = 8\n", ...}"""
     pairs = []
     for n in negatives:
-        s = samples[n["pid"]]
-        q0 = sum(s["correct"]) / len(s["correct"])  # Q_0 from the k samples at x: no extra rollouts needed
-        c = find_pit(q0, Q[n["nid"]], cfg.credit)
-        if c is None:
+        c = find_pit(Q[n["nid"]], cfg.credit)
+        options = sorted(wins[n["nid"]].get(0 if cfg.pair_form == "full" else c - 1, []), key=len) if c else []
+        if not options:
             continue
-        correct_at_x = sorted((t for t, ok in zip(s["responses"], s["correct"]) if ok), key=len)
         x = PROMPT.format(question=problems[n["pid"]]["question"])
-        prefix = "".join(n["steps"][:c - 1])
         if cfg.pair_form == "full":
-            if not correct_at_x:
-                continue
-            prompt, chosen, rejected = x, correct_at_x[0], "".join(n["steps"][:c])
+            prompt, rejected = x, "".join(n["steps"][:c])
         else:
-            options = correct_at_x if c == 1 else sorted(wins[n["nid"]].get(c - 1, []), key=len)
-            if not options:
-                continue
-            prompt, chosen, rejected = x + prefix, options[0], n["steps"][c - 1]
-        pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "rejected_complete": False,
-                      "pid": n["pid"], "nid": n["nid"], "pit": c, "n_steps": len(n["steps"]),
-                      "q": [q0] + Q[n["nid"]]})
+            prompt, rejected = x + "".join(n["steps"][:c - 1]), n["steps"][c - 1]
+        pairs.append({"prompt": prompt, "chosen": options[0], "rejected": rejected, "rejected_complete": False,
+                      "pid": n["pid"], "nid": n["nid"], "pit": c, "n_steps": len(n["steps"]), "q": Q[n["nid"]]})
     return pairs
 
 
-def awr_examples(problems, samples, negatives, Q, wins, cfg):
+def awr_examples(problems, negatives, Q, wins, cfg):
     """The same rollouts as per-step DPO, read as advantage-weighted steps (--loss awr): every step of a negative
     whose prefix values are both known, A_i = Q_i - Q_{i-1}, and each pair's chosen continuation, A = 1 - Q_{c-1}
-    (it reached the answer from a prefix worth Q_{c-1}).   Q_0 = 1/2, Q = [1, 0]:
+    (it reached the answer from a prefix worth Q_{c-1}).   Q = [1/2, 1, 0]:
     {"prompt": x, "response": y_1, "advantage": 0.5}, {"prompt": x + y_1, "response": y_2, "advantage": -1.0},
     {"prompt": x + y_1, "response": the chosen continuation, "complete": True, "advantage": 0.0}"""
     examples = []
     for n in negatives:
-        s = samples[n["pid"]]
-        values = [sum(s["correct"]) / len(s["correct"])] + Q[n["nid"]]
+        values = Q[n["nid"]]
         x = PROMPT.format(question=problems[n["pid"]]["question"])
         for i in range(1, len(values)):
             if values[i] is not None and values[i - 1] is not None:
                 examples.append({"prompt": x + "".join(n["steps"][:i - 1]), "response": n["steps"][i - 1],
                                  "complete": i == len(n["steps"]), "advantage": values[i] - values[i - 1],
                                  "nid": n["nid"], "step": i})
-    for p in per_step_pairs(problems, samples, negatives, Q, wins, dataclasses.replace(cfg, pair_form="step")):
+    for p in per_step_pairs(problems, negatives, Q, wins, dataclasses.replace(cfg, pair_form="step")):
         examples.append({"prompt": p["prompt"], "response": p["chosen"], "complete": True,
                          "advantage": 1.0 - p["q"][p["pit"] - 1], "nid": p["nid"], "step": p["pit"]})
     return examples
@@ -1917,8 +1909,8 @@ def run_dpo(cfg, train, sft_path, name, make_pairs):
 def per_step_pair_maker(cfg, train):
     def make(model, tok, samples):
         negatives = collect_negatives(train, samples, cfg.max_negatives)
-        Q, wins, acct = step_values(model, tok, train, negatives, cfg, f"{cfg.out}/per_step")
-        pairs = per_step_pairs(train, samples, negatives, Q, wins, cfg)
+        Q, wins, acct = step_values(model, tok, train, samples, negatives, cfg, f"{cfg.out}/per_step")
+        pairs = per_step_pairs(train, negatives, Q, wins, cfg)
         pits = [p["pit"] for p in pairs]
         return pairs, {**acct, "negatives": len(negatives),
                        "pit_histogram": {str(c): pits.count(c) for c in sorted(set(pits))},
@@ -1936,8 +1928,8 @@ def run_awr(cfg, train, sft_path):
         os.makedirs(f"{cfg.out}/{name}", exist_ok=True)
         model, tok = load_model(cfg, sft_path)
         negatives = collect_negatives(train, samples, cfg.max_negatives)
-        Q, wins, acct = step_values(model, tok, train, negatives, cfg, f"{cfg.out}/per_step")
-        examples = awr_examples(train, samples, negatives, Q, wins, cfg)
+        Q, wins, acct = step_values(model, tok, train, samples, negatives, cfg, f"{cfg.out}/per_step")
+        examples = awr_examples(train, negatives, Q, wins, cfg)
         write_jsonl(f"{cfg.out}/{name}/examples.jsonl", examples)
         res = train_sft(model, tok, examples, dataclasses.replace(cfg, sft_steps=0), cfg.dpo_epochs, cfg.dpo_lr, name,
                         f"{cfg.out}/{name}/train_state.pt") if examples else {"train_examples": 0, "log": []}
@@ -2174,11 +2166,11 @@ def credit_report(cfg, train):
             for k, p in enumerate(pairs)]
     # a load-bearing chain: rollouts from x + y_{1:w}, w a negative's true first wrong step, rarely reach the answer
     # (the per-step stage's own rollouts, read back from its cache: nothing is generated here)
-    Q = step_values(sft, tok, train, list(negs.values()), cfg, f"{cfg.out}/per_step")[0]
-    wrong_at = {nid: first_wrong_step(n["steps"], train[n["pid"]]["question"]) for nid, n in negs.items()}
-    recover = [Q[nid][w - 1] for nid, w in wrong_at.items() if w and w < len(negs[nid]["steps"]) and Q[nid][w - 1] is not None]
-    # spurious steps: correct samples whose steps differ from the exact solution; RFT positives among them
     samples = read_jsonl(f"{cfg.out}/samples/samples.jsonl")
+    Q = step_values(sft, tok, train, samples, list(negs.values()), cfg, f"{cfg.out}/per_step")[0]
+    wrong_at = {nid: first_wrong_step(n["steps"], train[n["pid"]]["question"]) for nid, n in negs.items()}
+    recover = [Q[nid][w] for nid, w in wrong_at.items() if w and w < len(negs[nid]["steps"]) and Q[nid][w] is not None]
+    # spurious steps: correct samples whose steps differ from the exact solution; RFT positives among them
     correct = [(pid, t) for pid, s in enumerate(samples) for t, ok in zip(s["responses"], s["correct"]) if ok]
     is_spurious = lambda pid, t: first_wrong_step(split_steps(t, cfg.step_cap), train[pid]["question"]) is not None  # noqa: E731
     by_q = {p["question"]: pid for pid, p in enumerate(train)}
@@ -2389,12 +2381,13 @@ def bench_rollouts(cfg, train, n_negatives=256):
     if not os.path.exists(path):
         raise SystemExit(f"{path}: not found; run --mode per_step with the same --out first")
     model, tok = load_model(cfg, cfg.init or f"{cfg.out}/sft/model")
-    negs = collect_negatives(train, read_jsonl(path), cfg.max_negatives)[:n_negatives]
+    samples = read_jsonl(path)
+    negs = collect_negatives(train, samples, cfg.max_negatives)[:n_negatives]
     runs = {}
     for credit in ("first_pit", "min_advantage"):   # min_advantage explores every prefix
         with tempfile.TemporaryDirectory() as tmp:
             c = dataclasses.replace(cfg, credit=credit)
-            _, _, acct = step_values(model, tok, train, [dict(n) for n in negs], c, tmp)
+            _, _, acct = step_values(model, tok, train, samples, [dict(n) for n in negs], c, tmp)
             runs[credit] = acct
             if credit == "first_pit":
                 keys = [r["key"] for r in read_jsonl(f"{tmp}/rollouts.jsonl")]

@@ -481,11 +481,11 @@ def test_length_sorted_batches_cover_every_example_once_with_little_padding():
 
 
 def test_find_pit_rules():
-    assert sn.find_pit(0.5, [1.0, 0.25, 0.0, 0.0], "first_pit") == 3
-    assert sn.find_pit(0.5, [1.0, 0.25, 0.0, 0.0], "min_advantage") == 2
-    assert sn.find_pit(0.5, [0.0], "first_pit") == 1
-    assert sn.find_pit(0.0, [0.0, 0.0], "first_pit") is None    # never alive: no pair
-    assert sn.find_pit(0.5, [0.5, 1.0], "min_advantage") is None  # no step loses value: no pair
+    assert sn.find_pit([0.5, 1.0, 0.25, 0.0, 0.0], "first_pit") == 3
+    assert sn.find_pit([0.5, 1.0, 0.25, 0.0, 0.0], "min_advantage") == 2
+    assert sn.find_pit([0.5, 0.0], "first_pit") == 1
+    assert sn.find_pit([0.0, 0.0, 0.0], "first_pit") is None    # never alive: no pair
+    assert sn.find_pit([0.5, 0.5, 1.0], "min_advantage") is None  # no step loses value: no pair
 
 
 def scripted_generate(prompts, *_):
@@ -505,9 +505,9 @@ def test_rollout_search_finds_the_planted_step(tmp_path, monkeypatch, credit):
              "step one ok\nstep two ok\nThe answer is 7"]
     samples = [{"responses": [w, "The answer is 9"], "correct": [0, 1]} for w in wrong]
     negs = sn.collect_negatives(problems, samples, cap=8)
-    Q, wins, acct = sn.step_values(None, None, problems, negs, cfg, str(tmp_path))
-    assert Q[0][:3] == [1.0, 1.0, 0.0] and Q[1][0] == 0.0 and Q[2] == [1.0, 1.0, 0.0]
-    pairs = sn.per_step_pairs(problems, samples, negs, Q, wins, cfg)
+    Q, wins, acct = sn.step_values(None, None, problems, samples, negs, cfg, str(tmp_path))
+    assert Q[0][1:4] == [1.0, 1.0, 0.0] and Q[1][1] == 0.0 and Q[2] == [0.5, 1.0, 1.0, 0.0]
+    pairs = sn.per_step_pairs(problems, negs, Q, wins, cfg)
     assert [p["pit"] for p in pairs] == [3, 1, 3]
     assert pairs[0]["prompt"].endswith("Answer:\nstep one ok\nstep two ok\n")
     assert pairs[0]["rejected"] == "step BAD three\n" and pairs[0]["chosen"] == "ok\nThe answer is 9"
@@ -533,8 +533,8 @@ def test_killed_rollouts_resume_to_the_same_pairs(tmp_path, monkeypatch):
 
     def run(out_dir):
         negs = sn.collect_negatives(problems, samples, cap=8)
-        Q, wins, acct = sn.step_values(None, None, problems, negs, cfg, out_dir)
-        return sn.per_step_pairs(problems, samples, negs, Q, wins, cfg), acct
+        Q, wins, acct = sn.step_values(None, None, problems, samples, negs, cfg, out_dir)
+        return sn.per_step_pairs(problems, negs, Q, wins, cfg), acct
     monkeypatch.setattr(sn, "generate", seeded)
     whole, acct = run(str(tmp_path / "a"))
     calls = {"n": 0}
@@ -620,10 +620,11 @@ def test_fractional_values_pits_and_pairs_by_hand(tmp_path, monkeypatch, credit,
                {"responses": [long_right, neg1, short_right, neg1], "correct": [1, 0, 1, 0]}]
     negs = sn.collect_negatives(problems, samples, cap=8)
     assert [n["response"] for n in negs] == [neg0, neg1]  # the repeated wrong sample counted once
-    Q, wins, acct = sn.step_values(None, None, problems, negs, cfg, str(tmp_path))
-    assert Q[0] == [7 / 8, 3 / 8, 0.0, 0.0] and Q[1] == [0.0, None if credit == "first_pit" else 3 / 8, 0.0]
+    Q, wins, acct = sn.step_values(None, None, problems, samples, negs, cfg, str(tmp_path))
+    assert Q[0] == [0.5, 7 / 8, 3 / 8, 0.0, 0.0] and Q[1] == [0.5, 0.0, None if credit == "first_pit" else 3 / 8, 0.0]
+    assert wins[0][0] == [long_right] and wins[1][0] == [long_right, short_right]  # i = 0: the right samples at x
     assert acct["rollouts"] == 8 * (3 + 1 if credit == "first_pit" else 3 + 2)
-    pairs = sn.per_step_pairs(problems, samples, negs, Q, wins, cfg)
+    pairs = sn.per_step_pairs(problems, negs, Q, wins, cfg)
     x0, x1 = sn.PROMPT.format(question="q0"), sn.PROMPT.format(question="q1")
     shortest = "w \nThe answer is 9"  # LENGTHS[1] = 1 word: the second success, not the first or last
     if form == "full":  # (x, a full correct solution, y-_{1:c})
@@ -636,7 +637,7 @@ def test_fractional_values_pits_and_pairs_by_hand(tmp_path, monkeypatch, credit,
         assert [(p["prompt"], p["chosen"], p["rejected"], p["pit"]) for p in pairs] == [
             (x0 + "a p7 step\n", shortest, "b p3 step\n", 2), (x1, short_right, "z p0 bad\n", 1)]
     assert all(p["rejected_complete"] is False for p in pairs)
-    assert pairs[0]["q"] == [0.5] + Q[0]  # Q_0 = the k samples' success rate at x
+    assert pairs[0]["q"] == Q[0] and Q[0][0] == 0.5  # Q_0 = the k samples' success rate at x
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -816,8 +817,8 @@ def test_awr_examples_read_the_rollouts_as_step_advantages(tmp_path, monkeypatch
     neg = "a p7 step\nb p3 step\nc p0 step\nThe answer is 1"
     samples = [{"responses": [neg, "right\nThe answer is 9"], "correct": [0, 1]}]
     negs = sn.collect_negatives(problems, samples, cap=8)
-    Q, wins, _ = sn.step_values(None, None, problems, negs, cfg, str(tmp_path))
-    ex = sn.awr_examples(problems, samples, negs, Q, wins, cfg)
+    Q, wins, _ = sn.step_values(None, None, problems, samples, negs, cfg, str(tmp_path))
+    ex = sn.awr_examples(problems, negs, Q, wins, cfg)
     x = sn.PROMPT.format(question="q0")
     assert [(e["prompt"], e["response"], e["complete"], e["advantage"]) for e in ex] == [
         (x, "a p7 step\n", False, 3 / 8), (x + "a p7 step\n", "b p3 step\n", False, -1 / 2),
