@@ -9,16 +9,17 @@ LLM Math Reasoning by Eight-Fold" (NeurIPS 2024, arXiv 2406.14532). The pipeline
                                                                    wrong solution, find the first pit, push it down)
     ->  greedy pass@1 on the test split
 
-    python stepneg.py --mode per_step          # the whole job on the embedded CPU default (no downloads)
+    python stepneg.py --mode per_step          # the whole job on the embedded CPU default, no downloads (a tiny
+                                               # base pretrained on arithmetic first, cached: --task bigstep)
     python stepneg.py --mode all               # SFT, RFT, outcome DPO and per-step DPO side by side
     python stepneg.py --mode per_step --model Qwen/Qwen2.5-1.5B --train gsm8k_train.jsonl --test gsm8k_test.jsonl
     python stepneg.py --mode synth --teacher Qwen/Qwen2.5-7B-Instruct --train problems.jsonl   # write D_syn
-    python stepneg.py --mode scaling           # the paper's headline: SFT on n..8n vs each method on n (~1/2-1 h on CPU)
+    python stepneg.py --mode scaling           # the paper's headline: SFT on n..8n vs each method on n (hours on CPU)
     torchrun --nproc_per_node 8 stepneg.py --mode per_step --model ...   # data parallel, one GPU per process
     python stepneg.py --mode bench_rollouts    # after a per_step run: first-pit saving, our sampler vs generate
     python stepneg.py --mode bench_dpo         # after a per_step run: our DPO step vs a resident reference and TRL
     python stepneg.py --mode bench_shapes --train gsm8k_train.jsonl ...   # on a GPU: 1.5B- and 7B-shaped random
-                                               # models through every costly stage (README: "On a GPU")
+                                               # models through every costly stage (README: "Speed")
 
 Sections: config, data, answer checking, model and tokenizer, sampling, steps and rollouts, losses, training
 loops, evaluation, stages, the scaling measurement, benchmark, main.
@@ -161,7 +162,7 @@ def parse_config(argv=None):
                            choices=CHOICES.get(f.name), metavar=type(f.default).__name__.upper() if f.name not in CHOICES
                            else None, help=text)
     args = vars(ap.parse_args(argv))
-    if args["n_train"] is None:  # scaling trains SFT on up to 2^doublings n; n = 500: 26-54 min, 2 cores
+    if args["n_train"] is None:  # scaling trains SFT on up to 2^doublings n problems, so its n is smaller
         args["n_train"] = 500 if args["mode"] == "scaling" else 1000 if args["task"] == "arith" else Config.n_train
     for name in ("eval_k", "n_train", "n_test", "rollouts", "k_samples", "beta", "beta_awr"):
         if args[name] < 0 or (args[name] == 0 and name in ("rollouts", "k_samples", "beta", "beta_awr")):
@@ -816,7 +817,7 @@ def load_model(cfg, path):
     device = pick_device(cfg)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32  # bf16 weights on GPU; losses use fp32 log-softmax
     if device == "cuda":  # cuDNN attention plans each new sequence length anew, and decoding makes one every step:
-        torch.backends.cuda.enable_cudnn_sdp(False)  # 64 rows x 64 tokens, 1.5B shape, H200: 4.7 s with it, 1.7 without
+        torch.backends.cuda.enable_cudnn_sdp(False)  # (README: "Speed")
     if path == "tiny":
         tok = tiny_tokenizer()
         torch.manual_seed(cfg.seed)
@@ -1615,15 +1616,17 @@ def with_reference_logps(model, tok, pairs, cfg, desc):
     model.eval()
     with torch.no_grad():
         for b in tqdm(range(0, len(enc), cfg.batch_size), desc=f"{desc}: reference log-probs", leave=False):
-            c, r = pair_logps(cfg)(model, tok, enc[b:b + cfg.batch_size], cfg, device)
+            c, r = pair_logps(model, tok, enc[b:b + cfg.batch_size], cfg, device)
             out += [{**p, "ref_chosen_logps": x, "ref_rejected_logps": y}
                     for p, x, y in zip(pairs[b:b + cfg.batch_size], c.float().tolist(), r.float().tolist())]
     return out
 
 
-def pair_logps(cfg):
-    # (transformers turns the KV cache off under activation checkpointing, so that takes the two full forwards)
-    return branched_logps if cfg.branch and not cfg.grad_ckpt else dpo_logps
+def pair_logps(model, tok, enc_pairs, cfg, device):
+    """(log pi(chosen), log pi(rejected)) of a batch of pairs: branched from the shared prompt (--branch), else two
+    full forwards (also under --grad_ckpt, where transformers turns the KV cache off)."""
+    logps = branched_logps if cfg.branch and not cfg.grad_ckpt else dpo_logps
+    return logps(model, tok, enc_pairs, cfg, device)
 
 
 def train_dpo(model, tok, pairs, cfg, desc, ckpt=None):
@@ -1652,7 +1655,7 @@ def train_dpo(model, tok, pairs, cfg, desc, ckpt=None):
             for m in range(0, len(idx), mb * WORLD):  # micro-batches (and ranks): each piece's mean loss, weighted
                 share = idx[m:m + mb * WORLD][RANK::WORLD]     # by its share of the batch (x WORLD: DDP averages)
                 part = share or idx[m:m + 1]
-                pc, pr = pair_logps(cfg)(fwd, tok, [enc[i] for i in part], cfg, device)
+                pc, pr = pair_logps(fwd, tok, [enc[i] for i in part], cfg, device)
                 piece, c, r = dpo_loss(pc, pr, ref_c[part], ref_r[part], cfg.beta)
                 piece = piece * len(share) / len(idx) * WORLD
                 check_finite(piece, desc)
