@@ -80,6 +80,8 @@ class Config:
     # SFT (and RFT, which reuses the SFT loop)
     sft_epochs: int = 16         # passes over D_syn (and, for RFT, over D_syn plus the kept samples)
     sft_steps: int = 0           # > 0: every SFT and RFT run takes exactly this many optimizer steps, whatever its size
+    val: int = 0                 # > 0: hold out the last VAL problems of --train; SFT and RFT evaluate on them 16 times
+                                 # a run and keep their best checkpoint (a curve of data, not of steps)
     lr: float = 3e-3             # tiny model from scratch; use ~1e-5 for a pretrained 7B
     batch_size: int = 32         # examples (or pairs) per optimizer step, in every training loop
     micro_batch: int = 0         # > 0: run each batch in pieces this big, accumulating gradients (same update)
@@ -1506,9 +1508,10 @@ def epoch_batches(rng, lengths, cfg):
     return batches
 
 
-def train_sft(model, tok, examples, cfg, epochs, lr, desc, ckpt=None):
+def train_sft(model, tok, examples, cfg, epochs, lr, desc, ckpt=None, val=None):
     """SFT: maximise log pi(y | x) on [{"question", "response"}], loss on response tokens only. Examples with an
-    "advantage" (AWR: {"prompt", "response", "complete", "advantage"}) are weighted by awr_weights instead."""
+    "advantage" (AWR: {"prompt", "response", "complete", "advantage"}) are weighted by awr_weights instead.
+    With val problems (--val), greedy accuracy on them 16 times a run; the model ends at its best (keep_best)."""
     device = next(model.parameters()).device
     data = [encode(tok, e.get("prompt") or PROMPT.format(question=e["question"]), e["response"],
                    complete=e.get("complete", True)) for e in examples]
@@ -1558,10 +1561,35 @@ def train_sft(model, tok, examples, cfg, epochs, lr, desc, ckpt=None):
                 bar.set_postfix(loss=row["loss"])
                 tqdm.write(f"  {desc} step {step}/{steps} loss {row['loss']:.4f} {row['tokens_per_s']} tok/s "
                            f"MFU {row['mfu']:.1%} peak memory {row['peak_gib']} GiB")
+            if val and (step % max(1, steps // 16) == 0 or step == steps):
+                keep_best(model, tok, val, cfg, step, st, os.path.dirname(ckpt), desc)
             if ckpt and step % cfg.ckpt_every == 0 and step < steps:
                 save_train_state(ckpt, model, opt, sched, step, st)
     bar.close()
+    if val:  # end at the best checkpoint, not the last
+        model.load_state_dict(torch.load(f"{os.path.dirname(ckpt)}/best.pt"))
+        sync()
+        if RANK == 0:
+            os.remove(f"{os.path.dirname(ckpt)}/best.pt")
     return {"train_examples": len(data), **st}
+
+
+def keep_best(model, tok, val, cfg, step, st, folder, desc):
+    """--val: greedy accuracy on the held-out problems now; the weights go to folder/best.pt if it is the best so far
+    (the first best on ties). Logged in the stage's done.json as val_log, best_step, best_val."""
+    rng, was_training = torch.get_rng_state(), model.training
+    os.makedirs(f"{folder}/val", exist_ok=True)
+    acc = evaluate(model, tok, val, dataclasses.replace(cfg, eval_k=0), f"{folder}/val/step{step}.jsonl",
+                   f"{desc} validation")["accuracy"]
+    torch.set_rng_state(rng)
+    model.train(was_training)
+    st.setdefault("val_log", []).append({"step": step, "val_acc": acc})
+    if acc > st.get("best_val", -1.0):
+        st["best_val"], st["best_step"] = acc, step
+        if RANK == 0:
+            torch.save(model.state_dict(), f"{folder}/best.pt.tmp")
+            os.replace(f"{folder}/best.pt.tmp", f"{folder}/best.pt")
+    tqdm.write(f"  {desc} step {step} validation accuracy {acc:.3f} (best {st['best_val']:.3f} at {st['best_step']})")
 
 
 def pair_batches(tok, pairs):
@@ -1831,8 +1859,8 @@ def run_base(cfg):
     return dataclasses.replace(cfg, model=path)
 
 
-def run_sft(cfg, train):
-    """pi_sft: the initial model fine-tuned on D_syn, or --init when given."""
+def run_sft(cfg, train, val=None):
+    """pi_sft: the initial model fine-tuned on D_syn (to its best on val, with --val), or --init when given."""
     if cfg.init:
         return cfg.init
     path = f"{cfg.out}/sft/model"
@@ -1844,7 +1872,7 @@ def run_sft(cfg, train):
             raise SystemExit(f"error: {cfg.train}: no problem has a solution to imitate (a 'response', GSM8K "
                              "'answer' or MATH 'solution' field); SFT needs D_syn")
         os.makedirs(f"{cfg.out}/sft", exist_ok=True)
-        res = train_sft(model, tok, data, cfg, cfg.sft_epochs, cfg.lr, "sft", f"{cfg.out}/sft/train_state.pt")
+        res = train_sft(model, tok, data, cfg, cfg.sft_epochs, cfg.lr, "sft", f"{cfg.out}/sft/train_state.pt", val)
         save_model(model, tok, path)
         finish_stage(cfg, "sft", {**res, "synthetic_problems": len(data), "wall_s": round(time.time() - t0, 1)})
     return path
@@ -1874,7 +1902,7 @@ def run_samples(cfg, train, sft_path):
     return read_jsonl(path)
 
 
-def run_rft(cfg, train, sft_path):
+def run_rft(cfg, train, sft_path, val=None):
     if not stage_done(cfg, "rft"):
         samples = run_samples(cfg, train, sft_path)
         t0 = time.time()
@@ -1882,7 +1910,7 @@ def run_rft(cfg, train, sft_path):
         write_jsonl(f"{cfg.out}/rft/positives.jsonl", positives)
         model, tok = load_model(cfg, sft_path if cfg.rft_from_sft else cfg.model)
         data = [{"question": p["question"], "response": p["response"]} for p in train if p["response"]] + positives
-        res = train_sft(model, tok, data, cfg, cfg.sft_epochs, cfg.lr, "rft", f"{cfg.out}/rft/train_state.pt")
+        res = train_sft(model, tok, data, cfg, cfg.sft_epochs, cfg.lr, "rft", f"{cfg.out}/rft/train_state.pt", val)
         save_model(model, tok, f"{cfg.out}/rft/model")
         finish_stage(cfg, "rft", {**res, "rft_positives": len(positives), "wall_s": round(time.time() - t0, 1)})
     return f"{cfg.out}/rft/model"
@@ -2015,14 +2043,14 @@ def worked_example(cfg, train):
     return text
 
 
-def run_pipeline(cfg, train, test, stages):
+def run_pipeline(cfg, train, test, stages, val=None):
     """pi_sft, then each requested stage from it ("rft", "dpo", "per_step"), every model evaluated on test.
     -> {stage: eval result}"""
     cfg = run_base(cfg)
-    sft = run_sft(cfg, train)
+    sft = run_sft(cfg, train, val)
     results = {"sft": run_eval(cfg, test, "sft", sft)}
     if "rft" in stages:
-        results["rft"] = run_eval(cfg, test, "rft", run_rft(cfg, train, sft))
+        results["rft"] = run_eval(cfg, test, "rft", run_rft(cfg, train, sft, val))
     if "dpo" in stages:
         make = lambda model, tok, samples: (outcome_pairs(train, samples, cfg.rft_cap), {})  # noqa: E731
         results["dpo"] = run_eval(cfg, test, "dpo", run_dpo(cfg, train, sft, "dpo", make))
@@ -2201,7 +2229,7 @@ def credit_report(cfg, train):
             "logp_shift_spurious_positives": shift.get("spurious"), "logp_shift_exact_solutions": shift.get("clean")}
 
 
-def run_scaling(cfg, train, test):
+def run_scaling(cfg, train, test, val=None):
     """--mode scaling: per seed, SFT on the first n, 2n, ..., 2^d n problems (nested), RFT / outcome DPO / per-step DPO
     from the SFT model on the first n, RFT again with per-step's sampling budget (samples + rollouts, counted in
     generated tokens), and on the toy per-step DPO once more with the true pits (oracle_pairs). Every model on the
@@ -2216,7 +2244,7 @@ def run_scaling(cfg, train, test):
     steps = sum(cfg.sft_steps or cfg.sft_epochs * math.ceil(m / cfg.batch_size) for m in sizes)
     print(f"scaling: {cfg.seeds} seed(s), each SFT on {sizes} problems ({steps} SFT steps), then sampling, rollouts "
           f"and DPO on the first {n}; SFT is most of the time (README: measured wall times)")
-    rows, credit = [], []
+    rows, credit, chosen = [], [], []
     for seed in range(cfg.seed, cfg.seed + cfg.seeds):
         model = run_base(dataclasses.replace(cfg, seed=seed, out=f"{cfg.out}/seed{seed}")).model  # one base a seed
 
@@ -2226,13 +2254,13 @@ def run_scaling(cfg, train, test):
             return c
         acc = {}
         for m in sizes:
-            res = run_pipeline(sub(f"n{m}", m), train[:m], test, ["rft", "dpo", "per_step"] if m == n else [])
+            res = run_pipeline(sub(f"n{m}", m), train[:m], test, ["rft", "dpo", "per_step"] if m == n else [], val)
             acc.update({f"sft_{m}": res["sft"]["accuracy"]} if m != n else {k: r["accuracy"] for k, r in res.items()})
         base = sub(f"n{n}", n)
         smp, ps = stage_done(base, "samples"), stage_done(base, "per_step")
         k_budget = math.ceil(cfg.k_samples * (smp["sample_tokens"] + ps["rollout_tokens"]) / smp["sample_tokens"])
         bud = sub("rft_budget", n, k_samples=k_budget, init=f"{base.out}/sft/model")
-        acc["rft_budget"] = run_pipeline(bud, train[:n], test, ["rft"])["rft"]["accuracy"]
+        acc["rft_budget"] = run_pipeline(bud, train[:n], test, ["rft"], val)["rft"]["accuracy"]
         toy = has_toy_truth(train[:n])
         if toy:  # the same DPO on pairs with the toy's true pits: what perfect credit would give
             make = lambda model, tok, samples: (oracle_pairs(train[:n], samples, base), {})  # noqa: E731
@@ -2261,8 +2289,12 @@ def run_scaling(cfg, train, test):
                          "multiplier": eq and round(eq / n, 2), "samples": samples, "rollouts": rollouts,
                          "tokens_sampled": sampled, "tokens_trained": trained, "fit_a": round(a, 4), "fit_b": round(b, 4)})
         credit.append({"stage": "scaling_credit", "seed": seed, **credit_report(base, train[:n])})
+        if val:  # the steps validation chose, per size: a curve of data, not of steps
+            chosen.append(f"- seed {seed}: best validation step of SFT on " + ", ".join(
+                f"{m}: {stage_done(sub(f'n{m}', m), 'sft')['best_step']}" for m in sizes)
+                + f"; RFT on {n}: {stage_done(base, 'rft')['best_step']}")
     write_jsonl(f"{cfg.out}/metrics.jsonl", rows + credit, mode="a")
-    text = scaling_table(rows, credit, sizes, time.time() - t0)
+    text = scaling_table(rows, credit, sizes, time.time() - t0) + "".join("\n" + line for line in chosen)
     write_text(f"{cfg.out}/scaling.md", text + "\n")
     write_text(f"{cfg.out}/scaling.svg", scaling_svg(rows, sizes))
     print("\n" + text + f"\n\npicture: {cfg.out}/scaling.svg")
@@ -2583,7 +2615,12 @@ def main(argv=None):
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // WORLD))
     try:
         limit = cfg.n_train * 2 ** cfg.doublings if cfg.mode == "scaling" else cfg.n_train
-        train = load_problems(cfg.train, limit) if cfg.mode != "eval" else []
+        train = load_problems(cfg.train, 0 if cfg.val else limit) if cfg.mode != "eval" else []
+        val = None
+        if cfg.val and train:  # the file's last problems, never among the training ones
+            if len(train) < (limit or 1) + cfg.val:
+                raise ValueError(f"{cfg.train}: --val {cfg.val} needs {(limit or 1) + cfg.val} problems, it has {len(train)}")
+            train, val = train[:limit or len(train) - cfg.val], train[-cfg.val:]
         test = load_problems(cfg.test, cfg.n_test)
     except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, not a traceback
         raise SystemExit(f"error: {e}") from None
@@ -2601,13 +2638,13 @@ def main(argv=None):
         run_eval(cfg, test, "init" if cfg.init else "sft", path)
         return
     if cfg.mode == "scaling":
-        run_scaling(cfg, train, test)
+        run_scaling(cfg, train, test, val)
         return
     if cfg.mode == "synth":
         run_synth(cfg, train)
         return
     run_pipeline(cfg, train, test, {"rft": ["rft"], "dpo": ["dpo"], "per_step": ["per_step"],
-                                    "all": ["rft", "dpo", "per_step"]}.get(cfg.mode, []))
+                                    "all": ["rft", "dpo", "per_step"]}.get(cfg.mode, []), val)
 
 
 def _stop(signum, frame):

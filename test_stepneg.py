@@ -899,6 +899,36 @@ def test_bigstep_learner_starts_from_one_cached_base(tmp_path, monkeypatch):
     assert not os.path.exists(tmp_path / "arith" / "base")  # the first toy learns from scratch, as before
 
 
+def test_val_keeps_the_best_checkpoint_on_held_out_problems(tmp_path, monkeypatch):
+    out, seen, snapshots = str(tmp_path / "run"), [], []
+    scores = iter([0.1, 0.5, 0.3, 0.5, 0.2] + [0.0] * 20)  # best: the 2nd evaluation (the first of two 0.5s)
+    run_eval = sn.evaluate
+
+    def scripted(model, tok, problems, cfg, path, desc):
+        if "validation" not in desc:
+            return run_eval(model, tok, problems, cfg, path, desc)
+        seen.append([p["question"] for p in problems])
+        snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+        return {"accuracy": next(scores)}
+    monkeypatch.setattr(sn, "evaluate", scripted)
+    sn.main(MINI + ["--mode", "sft", "--val", "5", "--sft_steps", "10", "--out", out])
+    held = [p["question"] for p in sn.load_problems(os.path.join(HERE, "data/arith/train.jsonl"))[-5:]]
+    assert len(seen) == 10 and all(q == held for q in seen)  # 16 a run, at most one a step; the file's last 5
+    res = sn.stage_done(sn.Config(out=out), "sft")
+    assert (res["best_step"], res["best_val"]) == (2, 0.5) and [r["step"] for r in res["val_log"]] == list(range(1, 11))
+    final = sn.load_model(sn.Config(), f"{out}/sft/model")[0].state_dict()
+    assert all(torch.equal(final[k], snapshots[1][k]) for k in final)        # the model is the best step's
+    assert not all(torch.equal(final[k], snapshots[-1][k]) for k in final)   # not the last one
+    assert not os.path.exists(f"{out}/sft/best.pt")
+    with pytest.raises(SystemExit, match="--val 7995 needs 8007 problems"):
+        sn.main(MINI + ["--mode", "sft", "--val", "7995", "--out", out + "2"])
+    monkeypatch.setattr(sn, "evaluate", lambda *a: {"accuracy": 0.5, "unparsable": 0, "n_test": 2} if "validation"
+                        not in a[-1] else {"accuracy": next(scores)})  # all 0.0 from here on: the first step is best
+    sn.main(MINI + ["--mode", "scaling", "--n_train", "4", "--doublings", "1", "--seeds", "1", "--val", "3",
+                    "--sft_steps", "2", "--out", out + "3"])
+    assert "- seed 0: best validation step of SFT on 4: 1, 8: 1; RFT on 4: 1" in open(out + "3/scaling.md").read()
+
+
 def test_scripted_policy_run_builds_pairs_and_trains(tmp_path, monkeypatch):
     """The whole per-step chain with a policy that is right half the time, so negatives, pits and pairs exist."""
     gold = {p["question"]: p["gold"] for p in sn.load_problems(os.path.join(HERE, "data/arith/train.jsonl"), 12)}
