@@ -166,7 +166,7 @@ def parse_config(argv=None):
     args = vars(ap.parse_args(argv))
     if args["n_train"] is None:  # scaling trains SFT on up to 2^doublings n problems, so its n is smaller
         args["n_train"] = 500 if args["mode"] == "scaling" else 1000 if args["task"] == "arith" else Config.n_train
-    for name in ("eval_k", "n_train", "n_test", "rollouts", "k_samples", "beta", "beta_awr"):
+    for name in ("eval_k", "n_train", "n_test", "val", "base_steps", "rollouts", "k_samples", "beta", "beta_awr"):
         if args[name] < 0 or (args[name] == 0 and name in ("rollouts", "k_samples", "beta", "beta_awr")):
             ap.error(f"--{name} {args[name]}: must be {'positive' if name in ('rollouts', 'k_samples', 'beta', 'beta_awr') else '0 or more'}")
     for name in ("train", "test"):

@@ -439,7 +439,8 @@ def test_help_explains_every_flag_from_the_config_block(capsys):
     assert helps["gen_tokens"].endswith("half the free GPU memory on CUDA")  # a comment's second line is kept
     with pytest.raises(SystemExit):
         sn.parse_config(["--credit", "best"])
-    for bad in (["--eval_k", "-1"], ["--beta_awr", "0"], ["--rollouts", "0"]):
+    for bad in (["--eval_k", "-1"], ["--beta_awr", "0"], ["--rollouts", "0"], ["--val", "-1"], ["--base_steps", "-5"],
+                ["--task", "gsm8k"]):
         with pytest.raises(SystemExit):
             sn.parse_config(bad)
 
