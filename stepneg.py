@@ -21,8 +21,10 @@ LLM Math Reasoning by Eight-Fold" (NeurIPS 2024, arXiv 2406.14532). The pipeline
     python stepneg.py --mode bench_shapes --train gsm8k_train.jsonl ...   # on a GPU: 1.5B- and 7B-shaped random
                                                # models through every costly stage (README: "Speed")
 
-Sections: config, data, answer checking, model and tokenizer, sampling, steps and rollouts, losses, training
-loops, evaluation, stages, the scaling measurement, benchmark, main.
+Read top to bottom, the file is the method: config, data, answer checking, model and tokenizer, sampling, steps and
+rollouts, losses, training loops, evaluation, stages, the scaling measurement. After it, under one banner, the
+machinery a reader can skip (processes, files, the checker's rules, LoRA, the sampler's cache, checkpoints,
+stage book-keeping, reports, benchmarks), then main.
 """
 import argparse
 import dataclasses
@@ -128,22 +130,6 @@ CHOICES = {"mode": ("make_data", "synth", "sft", "rft", "dpo", "per_step", "eval
            "loss": ("dpo", "awr", "both"), "task": ("bigstep", "arith")}
 
 
-def config_help():
-    """{field: its comment in the Config block}, and the group headers before each field: the block above is the one
-    source of what every flag means, for the reader of the file and for --help alike."""
-    import inspect
-    helps, groups, group, last = {}, {}, "", None
-    for line in inspect.getsource(Config).splitlines()[2:]:
-        m = re.match(r"\s{4}(\w+): \w+ = .*?(?:#\s*(.*))?$", line)
-        if m:
-            last, helps[m[1]], groups[m[1]] = m[1], (m[2] or "").strip(), group
-        elif re.match(r"\s{4}#", line):
-            group = line.strip("# ").strip()
-        elif re.match(r"\s+#", line) and last:  # a comment's continuation line
-            helps[last] += " " + line.strip("# ").strip()
-    return helps, groups
-
-
 # Settings that change what a stage computes: an output folder made with other values is refused, not mixed.
 RESULT_KEYS = [f.name for f in dataclasses.fields(Config) if f.name not in ("mode", "out", "device", "log_every", "ckpt_every", "doublings", "seeds")]
 PROMPT = "Question: {question}\nAnswer:\n"
@@ -172,46 +158,6 @@ def parse_config(argv=None):
     for name in ("train", "test"):
         args[name] = args[name] or f"data/{args['task']}/{name}.jsonl"
     return Config(**args)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Processes: one, or one per GPU (or CPU process) under torchrun, data parallel with torch's own engine.
-# ---------------------------------------------------------------------------------------------------------------
-
-RANK, WORLD = 0, 1  # this process and how many there are: torchrun --nproc_per_node N stepneg.py ... sets WORLD = N
-
-
-def start_processes(cfg):
-    """Under torchrun (it sets WORLD_SIZE, RANK, LOCAL_RANK): join the process group, NCCL with one GPU per rank or
-    gloo on CPU. Every rank runs the same program; sampling batches are shared out, each training batch is split
-    across ranks (DistributedDataParallel averages the gradients), and rank 0 alone writes files and prints (the other
-    ranks' output goes to out/rank<r>.log)."""
-    global RANK, WORLD
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return
-    cuda = pick_device(cfg) == "cuda"
-    if cuda:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    torch.distributed.init_process_group("nccl" if cuda else "gloo")
-    RANK, WORLD = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    if RANK > 0:
-        os.makedirs(cfg.out, exist_ok=True)
-        sys.stdout = sys.stderr = open(f"{cfg.out}/rank{RANK}.log", "w", buffering=1)
-
-
-def sync():
-    """Wait for every rank: what rank 0 has just written, the others may now read."""
-    if WORLD > 1:
-        torch.distributed.barrier()
-
-
-def gather(rows):
-    """Every rank's list, concatenated in rank order, on every rank."""
-    if WORLD == 1:
-        return rows
-    parts = [None] * WORLD
-    torch.distributed.all_gather_object(parts, rows)
-    return [r for part in parts for r in part]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -324,49 +270,6 @@ def make_toy_data(task="bigstep", seed=0, n_train=8000, n_test=500):
     return rows[:n_train], rows[n_train:]
 
 
-def write_text(path, text):
-    """A whole file, written to a temporary name and renamed: a crash leaves the old file or the new, never half."""
-    if RANK == 0:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-            f.write(text)
-        os.replace(path + ".tmp", path)
-    sync()
-
-
-def write_jsonl(path, rows, mode="w"):
-    """Write rows whole (write_text), or append them and flush (a cache growing a batch at a time)."""
-    if mode == "a":
-        if RANK == 0:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            with open(path, "a") as f:
-                f.writelines(json.dumps(r) + "\n" for r in rows)
-                f.flush()
-        sync()
-        return
-    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
-
-
-def numbered_jsonl(path, tolerant=False):
-    """(line number, row) for each non-blank line. A cache (tolerant=True) drops a torn last line from a crash;
-    user data must be clean: a bad line stops with its file and line number."""
-    with open(path) as f:
-        lines = f.readlines()
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            yield n, json.loads(line)
-        except json.JSONDecodeError as e:
-            if tolerant and n == len(lines):
-                return
-            raise ValueError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
-
-
-def read_jsonl(path, tolerant=False):
-    return [row for _, row in numbered_jsonl(path, tolerant)]
-
-
 def load_problems(path, limit=0):
     """Read GSM8K, MATH or plain jsonl into {"question", "gold", "response"} (response = D_syn, may be None).
     GSM8K {"question", "answer": "...<<48/2=24>>24 ... #### 72"} -> gold "72", response with "The answer is 72"
@@ -410,16 +313,6 @@ def load_problems(path, limit=0):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _braced(text, start):
-    """Content of the {...} group opening at text[start] == "{", nested braces matched; None if unclosed."""
-    depth = 0
-    for i in range(start, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[i], 0)
-        if depth == 0:
-            return text[start + 1:i]
-    return None
-
-
 def extract_answer(text):
     """The final answer of a solution, or None.
     "...\\nThe answer is 18."  -> "18"      "... #### 1,000" -> "1,000"      "so $\\boxed{\\frac{1}{2}}$." -> "\\frac{1}{2}"
@@ -445,303 +338,6 @@ def extract_answer(text):
     answer = re.sub(r"\.$", "", answer.strip().strip("$").strip()).strip().strip("$").strip()  # "$35$." -> "35"
     return answer or None
 
-
-def _normalize(s):
-    """Surface clean-up before comparison: "\\$1,000.00" -> "1000.00", "90^\\circ" -> "90", "\\dfrac12" -> "\\frac{1}{2}"."""
-    s = s.strip().replace("\\\\", "\n")  # a matrix row break; "\\ " would otherwise read as a spaced "\ "
-    for a, b in [("−", "-"), ("π", "\\pi"), ("∞", "\\infty"), ("\\left", ""), ("\\right", ""), ("\\!", ""),
-                 ("\\,", ""), ("\\;", ""), ("\\:", ""), ("\\ ", " "), ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"),
-                 ("\\displaystyle", ""), ("\\$", ""), ("$", ""), ("^\\circ", ""), ("^{\\circ}", ""), ("°", ""),
-                 ("\\mathrm{", "\\text{"), ("\\textbf{", "\\text{"), ("\\mbox{", "\\text{"), ("\\textnormal{", "\\text{"),
-                 ("\\cfrac", "\\frac"), ("\\dbinom", "\\binom"), ("\\tbinom", "\\binom"), ("{,}", ","),
-                 ("\\leq", "<="), ("\\geq", ">="), ("\\le", "<="), ("\\ge", ">="), ("\\lt", "<"), ("\\gt", ">"),
-                 ("\\neq", "!="), ("\\ne", "!="), ("\\lbrace", "\\{"), ("\\rbrace", "\\}"), ("\\mp", "\\pm")]:
-        s = s.replace(a, b)
-    s = re.sub(r"\\text\{\s*([^{}]*)\}", r" \1", s).strip()
-    s = re.sub(r"^(-?[\d.]+)\s*(\\times|\\cdot)\s*10\^\{?(-?\d+)\}?$", r"\1e\3", s)  # "1.5 \times 10^{3}" -> "1.5e3"
-    s = re.sub(r"\s*(degrees?|percent|dollars?|units?|cents?)\s*$", "", s)
-    s = re.sub(r"\\(frac|sqrt)\s*(\w)(\w)?", lambda m: f"\\{m[1]}{{{m[2]}}}" + (f"{{{m[3]}}}" if m[3] else ""), s)
-    s = re.sub(r"_\{(\w+)\}", r"_\1", s)                         # "101_{2}" -> "101_2"
-    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s.replace(" ", "")) or \
-            re.fullmatch(r"-?\d{1,3}([ \u2009\u202f]\d{3})+(\.\d+)?", s):
-        s = re.sub(r"[, \u2009\u202f]", "", s)                 # thousands separators: 12,500  12 500  12{,}500
-    m = re.fullmatch(r"(-?)(\d*)\.(\d*)\\overline\{(\d+)\}", s)
-    if m:                                                      # 0.1\overline{6} -> 1/6, exactly
-        sign, whole, fixed, rep = m.groups()
-        value = (int(whole or 0) + (Fraction(int(fixed or 0)) + Fraction(int(rep), 10 ** len(rep) - 1)) /
-                 10 ** len(fixed))
-        s = sign + f"{value.numerator}/{value.denominator}"
-    m = re.fullmatch(r"(-?[\d.]+)\s+([a-zA-Z][a-zA-Z ]*)(\^\{?\d\}?)?", s)
-    if m:                                                      # "18 apples", "5 cm^2" -> the number
-        s = m.group(1)
-    return s.strip().rstrip(".").strip()
-
-
-def _matrix(s):
-    """Normalised "\\begin{pmatrix} 1 & 2 \\n 3 & 4 \\end{pmatrix}" -> [["1", "2"], ["3", "4"]]; None if not one."""
-    s = re.sub(r"^[(\[]\s*(\\begin\{(?:array\}\{[lcr|]*|[pbvB]?matrix)\}.*\\end\{(?:array|[pbvB]?matrix)\})\s*[)\]]$", r"\1",
-               s.strip(), flags=re.S)                         # [array], (pmatrix): the brackets are the matrix's
-    s = re.sub(r"^\\begin\{array\}\{[lcr|]*\}(.*)\\end\{array\}$", r"\\begin{matrix}\1\\end{matrix}", s, flags=re.S)
-    m = re.fullmatch(r"\\begin\{[pbvB]?matrix\}(.*)\\end\{[pbvB]?matrix\}", s.strip(), re.S)
-    if not m:
-        return None
-    return [[c.strip() for c in row.split("&")] for row in m.group(1).split("\n") if row.strip()]
-
-
-_NUMBER = re.compile(r"-?(\d+\.?\d*|\.\d+)([eE][-+]?\d{1,3})?")
-_SAFE_NAMES = {"sqrt", "pi", "oo", "sin", "cos", "tan", "csc", "sec", "cot", "log", "exp", "factorial", "binomial"}
-
-
-def _latex_to_sympy(s):
-    """A whitelisted translation of a LaTeX-ish answer to sympy syntax, or None when it is not plainly math.
-    "\\frac{\\sqrt{3}}{2}" -> "((sqrt((3))))/((2))"     "2^{10}" -> "2**(10)"     "import os" -> None"""
-    if len(s) > 200:
-        return None
-    for _ in range(20):  # innermost-first rewriting of \frac{a}{b} and \sqrt{a}; bounded
-        m = re.search(r"\\(frac|binom)\{([^{}]*)\}\{([^{}]*)\}", s)
-        if m:  # \frac{a}{b} -> ((a)/(b)),  \binom{n}{k} -> binomial((n),(k))
-            s = s[:m.start()] + (f"(({m[2]})/({m[3]}))" if m[1] == "frac" else f"binomial(({m[2]}),({m[3]}))") + s[m.end():]
-            continue
-        m = re.search(r"\\sqrt\[([^{}\[\]]*)\]\{([^{}]*)\}", s)
-        if m:  # \sqrt[n]{a} -> ((a)**(1/(n)))
-            s = s[:m.start()] + f"(({m[2]})**(1/({m[1]})))" + s[m.end():]
-            continue
-        m = re.search(r"\\sqrt\{([^{}]*)\}", s)
-        if not m:
-            break
-        s = s[:m.start()] + f"(sqrt(({m[1]})))" + s[m.end():]
-    for a, b in [("\\cdot", "*"), ("\\times", "*"), ("\\div", "/"), ("\\pi", "pi"), ("\\infty", "oo"), ("^", "**"),
-                 ("{", "("), ("}", ")"), ("\\sin", "sin"), ("\\cos", "cos"), ("\\tan", "tan"), ("\\ln", "log"),
-                 ("\\log", "log"), ("\\exp", "exp"), ("\\csc", "csc"), ("\\sec", "sec"), ("\\cot", "cot")]:
-        s = s.replace(a, b)
-    if re.search(r"[\d+\-*/]", s):  # in an expression, "ab" is a times b (a bare word stays a word: "yes" != "y e s")
-        s = re.sub(r"(?<![a-zA-Z])[a-zA-Z]{2,3}(?![a-zA-Z])", lambda m: m[0] if m[0] in _SAFE_NAMES else "*".join(m[0]), s)
-    if re.search(r"!\s*!|\)\s*!|\d{4,}\s*!", s):
-        return None                                         # 100!!!, (n)!, 5000!: towers and giants, refused
-    s = re.sub(r"(\d+)\s*!", r"factorial(\1)", s)           # 4! -> factorial(4)
-    if "binomial" in s and re.search(r"\d{5,}", s):
-        return None                                         # \binom{999999999}{500000}: too big to evaluate in time
-    if not re.fullmatch(r"[0-9a-zA-Z+\-*/().,\s]*", s) or not s.strip() or ("," in s and "binomial" not in s):
-        return None
-    if any(len(w) > 1 and w not in _SAFE_NAMES for w in re.findall(r"[a-zA-Z]+", s)):
-        return None                                         # only single-letter symbols and known functions
-    if re.search(r"\*\*\s*\([^()]*\*\*|\*\*\s*\(?[^()+\-*/]*\)?\s*\*\*", s):
-        return None                                         # a power in an exponent (towers): too big to evaluate
-    if s.count("**") > 2 or any(len(d) > 40 for d in re.findall(r"\d+", s)):
-        return None                                         # 9^9^9^9 and 10^(huge) never reach sympy
-    if any(abs(int(e)) > 300 for e in re.findall(r"\*\*\s*\(?\s*-?(\d{1,40})", s)):
-        return None
-    return s
-
-
-class _Timeout(Exception):
-    pass
-
-
-def _with_time_limit(seconds, fn, *args):
-    """Run fn under a wall-clock bound (SIGALRM, main thread only); other threads rely on _latex_to_sympy's caps."""
-    if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
-        return fn(*args)
-
-    def on_alarm(*_):
-        raise _Timeout()
-    old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        return fn(*args)
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-
-
-def _parse(text):
-    """Whitelisted sympy syntax (from _latex_to_sympy) -> a sympy expression. Call under _with_time_limit."""
-    # imported by the caller first, outside the time limit: an import cut short by the alarm would leave sympy
-    # half-initialised for the rest of the run
-    import sympy
-    from sympy.parsing.sympy_parser import parse_expr, standard_transformations, rationalize, \
-        implicit_multiplication_application
-    # rationalize: decimals become exact rationals, so 0.333 != 1/3 while 0.5 == 1/2.
-    tr = standard_transformations + (implicit_multiplication_application, rationalize)
-    # every single letter is a plain Symbol (so "N", "S", "O" never reach sympy's functions of those names),
-    # except e and i, which MATH answers use for Euler's number and the imaginary unit
-    names = {c: sympy.Symbol(c) for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"}
-    names.update({"e": sympy.E, "i": sympy.I, "sqrt": sympy.sqrt, "pi": sympy.pi, "oo": sympy.oo, "sin": sympy.sin,
-                  "cos": sympy.cos, "tan": sympy.tan, "log": sympy.log, "exp": sympy.exp, "factorial": sympy.factorial,
-                  "binomial": sympy.binomial, "csc": sympy.csc, "sec": sympy.sec, "cot": sympy.cot})
-    return parse_expr(text, local_dict=names, transformations=tr, evaluate=True)
-
-
-def _sympy_equal(a, b):
-    import sympy
-    return sympy.simplify(_parse(a) - _parse(b)) == 0
-
-
-def _rounds_to(exact, decimal):
-    """Does the exact value (sympy syntax) round, half away from zero, to this decimal at its own precision?
-    ("2/3", "0.666667") -> True; ("2/3", "0.666666") -> False (truncated, not rounded)"""
-    from decimal import Decimal, ROUND_HALF_UP
-    value = _parse(exact).evalf(40)
-    if not value.is_real or not value.is_finite:
-        return False
-    d = Decimal(decimal)
-    return Decimal(str(value)).quantize(d, rounding=ROUND_HALF_UP) == d
-
-
-def _split_top(s):
-    """Split on commas outside brackets: "(1,2), 3" -> ["(1,2)", "3"]."""
-    parts, depth, cur = [], 0, ""
-    for ch in s:
-        depth += (ch in "([{") - (ch in ")]}")
-        if ch == "," and depth == 0:
-            parts.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    return parts + [cur]
-
-
-def _mixed_number(s):
-    """"2\\frac{1}{2}" or "2 1/2" -> "5/2"; anything else unchanged."""
-    m = re.fullmatch(r"(-?\d+)\s*\\frac\{(\d+)\}\{(\d+)\}|(-?\d+)\s+(\d+)/(\d+)", s)
-    if not m:
-        return s
-    w, n, d = [int(g) for g in m.groups() if g is not None]
-    return str(Fraction(w) + (Fraction(n, d) if w >= 0 else -Fraction(n, d))) if d else s
-
-
-def _equal_scalar(a, b):
-    if a == b:
-        return True
-    if _NUMBER.fullmatch(a) and _NUMBER.fullmatch(b):       # the fast path every toy answer takes
-        return Fraction(a) == Fraction(b)
-    a, b = _mixed_number(a), _mixed_number(b)
-    sa, sb = _latex_to_sympy(a), _latex_to_sympy(b)
-    if sa is None or sb is None:
-        return a.lower().replace(" ", "") == b.lower().replace(" ", "")
-    importlib.import_module("sympy.parsing.sympy_parser")  # slow the first time: outside the limit (_sympy_equal)
-    try:
-        for x, y in ((a, sb), (b, sa)):  # a decimal of 6+ significant digits equals the exact value it rounds to
-            if _NUMBER.fullmatch(x) and "." in x and len(x.replace("-", "").replace(".", "").lstrip("0")) >= 6:
-                return _with_time_limit(0.5, _rounds_to, y, x)
-        return bool(_with_time_limit(0.5, _sympy_equal, sa, sb))
-    except Exception:  # _Timeout, sympy's SyntaxError/TypeError/...: a malformed answer is simply not equal
-        return a.replace(" ", "") == b.replace(" ", "")
-
-
-def _equal_structured(a, b):
-    """Compare normalised answers: matrices cell by cell, unions of intervals piece by piece, tuples and intervals
-    in order with matching brackets, sets and bare lists as multisets, anything else as one expression."""
-    ma, mb = _matrix(a), _matrix(b)
-    if ma is not None or mb is not None:
-        return ma is not None and mb is not None and [len(r) for r in ma] == [len(r) for r in mb] and \
-            all(_equal_scalar(x, y) for ra, rb in zip(ma, mb) for x, y in zip(ra, rb))
-    if "\\cup" in a or "\\cup" in b:
-        xs, ys = a.split("\\cup"), b.split("\\cup")
-        return len(xs) == len(ys) and all(_equal_structured(x.strip(), y.strip()) for x, y in zip(xs, ys))
-    brackets = ("()", "[]", "(]", "[)")
-    if (a[:1] + a[-1:] in brackets and len(_split_top(a)) == 1) or (b[:1] + b[-1:] in brackets and len(_split_top(b)) == 1):
-        xs, ys = _split_top(a[1:-1]), _split_top(b[1:-1])
-        if len(xs) > 1 or len(ys) > 1:                      # tuples and intervals: in order, brackets must match
-            return a[:1] + a[-1:] == b[:1] + b[-1:] and len(xs) == len(ys) and \
-                all(_equal_scalar(x.strip(), y.strip()) for x, y in zip(xs, ys))
-    if a.startswith("\\{") and a.endswith("\\}"):             # a set: its elements, in any order
-        a = a[2:-2]
-    if b.startswith("\\{") and b.endswith("\\}"):
-        b = b[2:-2]
-    xs, ys = [x.strip() for x in _split_top(a)], [y.strip() for y in _split_top(b)]
-    if len(xs) > 1 or len(ys) > 1:                          # unordered lists, e.g. the roots of a polynomial
-        if all(x[:1] + x[-1:] in brackets for x in xs + ys):  # a list of tuples: each counted once
-            xs, ys = list(dict.fromkeys(x.replace(" ", "") for x in xs)), list(dict.fromkeys(y.replace(" ", "") for y in ys))
-        if len(xs) != len(ys):
-            return False
-        left = list(ys)
-        for x in xs:
-            hit = next((i for i, y in enumerate(left) if _equal_structured(x, y)), None)
-            if hit is None:
-                return False
-            left.pop(hit)
-        return True
-    return _equal_scalar(a, b)
-
-
-
-_RELATION = re.compile(r"<=|>=|!=|<|>|=")
-
-
-def _relation(s):
-    """"y = 2x + 1" -> ("=", "(2x + 1)-(y)"); "x > 2" -> ("<", "(x)-(2)") (> and >= turned round); else None."""
-    parts = _RELATION.split(s)
-    if len(parts) != 2 or len(_split_top(s)) > 1:
-        return None
-    op = _RELATION.search(s)[0]
-    left, right = (parts[1], parts[0]) if op in (">", ">=") else (parts[0], parts[1])
-    sl, sr = _latex_to_sympy(left.strip()), _latex_to_sympy(right.strip())
-    return None if sl is None or sr is None else ({">": "<", ">=": "<="}.get(op, op), f"({sr})-({sl})")
-
-
-def _sympy_ratio(a, b):
-    import sympy
-    x, y = (_parse(t) for t in (a, b))
-    if not x.free_symbols or not y.free_symbols:
-        return None
-    r = sympy.simplify(x / y)
-    return r if not r.free_symbols and r.is_number and r != 0 else None
-
-
-def _equal_relation(a, b):
-    """Two equations with the same solution set up to scaling (y = 2x + 1 ~ 4x - 2y + 2 = 0), or two inequalities up to
-    turning round and positive scaling (x < 2 ~ 2 > x ~ -x > -2): (R - L) / (R' - L') is a constant, positive for <."""
-    ra, rb = _relation(a), _relation(b)
-    if ra is None or rb is None or ra[0] != rb[0]:
-        return False
-    importlib.import_module("sympy.parsing.sympy_parser")
-    try:
-        r = _with_time_limit(0.5, _sympy_ratio, ra[1], rb[1])
-    except Exception:
-        return False
-    return r is not None and (ra[0] in ("=", "!=") or bool(r > 0))
-
-
-def _as_interval(s):
-    """An answer that describes an interval of one variable, as the interval: "0 <= t <= 4" -> "[0, 4]",
-    "x > 2" -> "(2, \\infty)", "x \\in (0, 1]" -> "(0, 1]"; else None."""
-    m = re.fullmatch(r"[a-zA-Z]\s*\\in\s*(.+)", s)
-    if m:
-        return m[1].strip()
-    m = re.fullmatch(r"([^<>=]+?)\s*(<=|<)\s*[a-zA-Z]\s*(<=|<)\s*([^<>=]+)", s)
-    if m:
-        return f"{'[' if m[2] == '<=' else '('}{m[1].strip()}, {m[4].strip()}{']' if m[3] == '<=' else ')'}"
-    m = re.fullmatch(r"[a-zA-Z]\s*(<=|>=|<|>)\s*([^<>=]+)|([^<>=]+?)\s*(<=|>=|<|>)\s*[a-zA-Z]", s)
-    if not m:
-        return None
-    op, v = (m[1], m[2]) if m[1] else ({"<": ">", ">": "<", "<=": ">=", ">=": "<="}[m[4]], m[3])
-    v = v.strip()
-    return {"<": f"(-\\infty, {v})", "<=": f"(-\\infty, {v}]", ">": f"({v}, \\infty)", ">=": f"[{v}, \\infty)"}[op]
-
-
-_LABEL = re.compile(r"(\|[^|]*\||\([a-zA-Z_\d\s,]*\)|[a-zA-Z](?:_\w+)?(?:\([^()]*\))?|\\[a-z]+)\s*(?:=|\\in)\s*(.+)")
-
-
-def _listed(a, b):
-    """Both answers as comparable lists: separators (; and or \\quad) as commas, a \\pm as its two values, labels
-    dropped ("x = 3, x = -4" -> "3, -4"; "(a, b) = (4, 1)" -> "(4, 1)"), unless both sides label several parts:
-    then the labels are compared too ("b_1 = 6, b_10 = 2" ~ "b_10 = 2, b_1 = 6", not "b_1 = 2, b_10 = 6")."""
-    out = []
-    for s in (a, b):
-        s = re.sub(r"\s*(?:\\q?quad|;|\band\b|\bor\b)\s*", ", ", s).strip(", ")
-        if s.startswith("\\{") and s.endswith("\\}"):
-            s = s[2:-2]
-        parts = []
-        for p in (x.strip() for x in _split_top(s)):
-            parts += [p.replace("\\pm", "+"), p.replace("\\pm", "-")] if p.count("\\pm") == 1 else [p]
-        out.append([(m[1].replace(" ", ""), m[2]) if m else (None, p) for m, p in ((_LABEL.fullmatch(p), p) for p in parts)])
-    labels = [[label for label, _ in x] for x in out]
-    if all(len(ls) > 1 and all(ls) and len(set(ls)) == len(ls) for ls in labels):  # b_1 = 6, b_10 = 2: by label
-        if sorted(labels[0]) != sorted(labels[1]):
-            return ["labels"], ["differ"]
-        return [["(" + ", ".join(v for _, v in sorted(x)) + ")"] for x in out]
-    return [[value for _, value in x] for x in out]
 
 @lru_cache(maxsize=100_000)
 def is_equiv(pred, gold):
@@ -807,12 +403,6 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
-def pick_device(cfg):
-    if cfg.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return cfg.device
-
-
 def load_model(cfg, path):
     """(model, tokenizer). path "tiny" builds a fresh LlamaConfig model; anything else goes to from_pretrained."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -837,46 +427,6 @@ def load_model(cfg, path):
     if tok.eos_token is None:
         raise ValueError(f"{path}: the tokenizer has no EOS token; stepneg needs one to end complete solutions")
     return model.to(device=device, dtype=dtype), tok
-
-
-class LoRALinear(torch.nn.Module):
-    """y = W x + (alpha / r) B A x, with W frozen and only A (r x in) and B (out x r) trained. B starts at zero, so
-    the model starts exactly as the one it wraps: the reference log-probs taken before training are pi_sft's."""
-
-    def __init__(self, base, rank, alpha=16.0):
-        super().__init__()
-        self.base, self.scale = base, alpha / rank
-        self.A = torch.nn.Parameter(torch.randn(rank, base.in_features, dtype=base.weight.dtype,
-                                                device=base.weight.device) / base.in_features ** 0.5)
-        self.B = torch.nn.Parameter(torch.zeros(base.out_features, rank, dtype=base.weight.dtype,
-                                                device=base.weight.device))
-
-    def forward(self, x):
-        return self.base(x) + (x @ self.A.T @ self.B.T) * self.scale
-
-
-def add_lora(model, rank):
-    """Freeze every weight; wrap the attention and MLP projections (q/k/v/o, gate/up/down) in adapters."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for name, module in list(model.named_modules()):
-        for child, layer in list(module.named_children()):
-            if child.endswith("_proj") and isinstance(layer, torch.nn.Linear):
-                setattr(module, child, LoRALinear(layer, rank))
-    return model
-
-
-def merge_lora(model):
-    """Fold each adapter into its weight (W += scale B A) and unwrap it: a plain model for save_pretrained."""
-    for name, module in list(model.named_modules()):
-        for child, layer in list(module.named_children()):
-            if isinstance(layer, LoRALinear):
-                with torch.no_grad():
-                    layer.base.weight += (layer.B @ layer.A) * layer.scale
-                setattr(module, child, layer.base)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    return model
 
 
 def save_model(model, tok, path):
@@ -940,15 +490,6 @@ def sequence_logps(model, ids, att, mask):
 ANSWER_LINE = re.compile(r"The answer is|####|\\boxed\{")
 
 
-def left_pad(rows, pad, device):
-    """[[5, 6, 7], [8]] -> ids [[5, 6, 7], [pad, pad, 8]] and attention [[1, 1, 1], [0, 0, 1]]: every prompt ends at
-    the same position, so the next token of every row is predicted from the last column."""
-    T = max(len(r) for r in rows)
-    ids = torch.tensor([[pad] * (T - len(r)) + r for r in rows], device=device)                    # (B, T)
-    att = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows], device=device)           # (B, T)
-    return ids, att
-
-
 @torch.no_grad()
 def generate(model, tok, prompts, temperature, max_new_tokens, seed):
     """One batch of rows -> (completions, tokens generated per row, prompt tokens read). temperature 0 = greedy.
@@ -1005,171 +546,6 @@ def generate(model, tok, prompts, temperature, max_new_tokens, seed):
     texts = [tok.decode(row, skip_special_tokens=True) for row in new]
     texts = [t.rsplit("\n", 1)[0] if i in answered else t for i, t in enumerate(texts)]
     return texts, [len(r) for r in new], sum(len(e) for e in enc)
-
-
-class RoomyLayer(DynamicLayer):
-    """A KV-cache layer with room reserved for the tokens still to come: a decode step writes its keys and values in
-    place. (transformers' DynamicLayer appends with torch.cat, copying the whole cache every step: a third of all
-    decode time on the CPU default.) keys/values are views of the first n positions of the buffers."""
-
-    @classmethod
-    def reserve(cls, layer, index, extra):
-        new = cls()
-        _, H, T, D = layer.keys.shape
-        new.buffers = [torch.empty(len(index), H, T + extra, D, dtype=x.dtype, device=x.device)
-                       for x in (layer.keys, layer.values)]
-        new.buffers[0][:, :, :T], new.buffers[1][:, :, :T] = layer.keys[index], layer.values[index]
-        new.dtype, new.device, new.is_initialized, new.n = layer.keys.dtype, layer.keys.device, True, T
-        new.keys, new.values = new.buffers[0][:, :, :T], new.buffers[1][:, :, :T]
-        return new
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        t = key_states.shape[-2]
-        self.buffers[0][:, :, self.n:self.n + t], self.buffers[1][:, :, self.n:self.n + t] = key_states, value_states
-        self.n += t
-        self.keys, self.values = self.buffers[0][:, :, :self.n], self.buffers[1][:, :, :self.n]
-        return self.keys, self.values
-
-    def batch_select_indices(self, indices):
-        self.buffers = [b[indices] for b in self.buffers]
-        self.keys, self.values = self.buffers[0][:, :, :self.n], self.buffers[1][:, :, :self.n]
-
-
-def roomy(cache, index, extra):
-    """The prefill's cache with its row index[i] as row i, and room for `extra` more tokens per layer when every layer
-    is a plain DynamicLayer (sliding-window or hybrid models keep their own layers, re-indexed)."""
-    if all(type(layer) is DynamicLayer and layer.is_initialized for layer in getattr(cache, "layers", [None])):
-        cache.layers = [RoomyLayer.reserve(layer, index, extra) for layer in cache.layers]
-    else:
-        cache.batch_select_indices(index)
-    return cache
-
-
-_NEWLINE_IDS = {}
-
-
-def newline_ids(tok):
-    """The ids of every token whose text holds a newline (where an answer line can finish), worked out once."""
-    if id(tok) not in _NEWLINE_IDS:  # (the tokenizer is kept with its ids, so its id() cannot be reused)
-        texts = tok.batch_decode([[i] for i in range(len(tok))])
-        _NEWLINE_IDS[id(tok)] = (tok, frozenset(i for i, t in enumerate(texts) if "\n" in t))
-    return _NEWLINE_IDS[id(tok)][1]
-
-
-@lru_cache(maxsize=None)
-def matmul_peak(device, dtype):
-    """FLOP/s of one big square matmul on this device, timed once: the denominator of every MFU printed (a measured
-    peak, not a datasheet one, so a CPU run gets a meaningful figure too)."""
-    n = 4096 if device.type == "cuda" else 1024
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    for reps in (1, 8):  # the first pass warms up
-        torch.cuda.synchronize() if device.type == "cuda" else None
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        torch.cuda.synchronize() if device.type == "cuda" else None
-    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
-
-
-def speed(model, tokens, flops_per_token, seconds):
-    """tokens/s, model-FLOP utilisation (flops_per_token x N x tokens, N = the weights matmuls use; tokens of all
-    ranks, against all ranks' peak), and this process's peak memory."""
-    p = next(model.parameters())
-    n = sum(q.numel() for q in model.parameters()) - (0 if getattr(model.config, "tie_word_embeddings", False) else
-                                                         model.get_input_embeddings().weight.numel())
-    if p.device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2 ** 30
-    else:  # the process's peak resident memory (KiB on Linux)
-        import resource
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-    seconds = max(seconds, 1e-9)
-    return {"tokens_per_s": round(tokens / seconds), "peak_gib": round(peak, 2),
-            "mfu": round(flops_per_token * n * tokens / seconds / matmul_peak(p.device, p.dtype) / WORLD, 4)}
-
-
-CACHE_VERSION = 2  # bump when a change to the code changes what generation produces for the same inputs
-
-
-def model_fingerprint(model):
-    """A cheap identity of the weights (the first values of every tensor): caches made by other weights are not reused."""
-    if model is None:
-        return "none"
-    h = hashlib.sha1()
-    for p in model.parameters():
-        h.update(p.detach().flatten()[:1024].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def gen_batches(model, tok, rows, cfg):
-    """Consecutive rows, cut into batches of at most --gen_batch rows and, with a token budget, at most that many
-    tokens of KV cache (rows x (longest prompt + max_new_tokens)): long rollout prefixes get smaller batches."""
-    budget = cfg.gen_tokens
-    if not budget and model is not None and next(model.parameters()).device.type == "cuda":
-        mc = model.config
-        heads = getattr(mc, "num_key_value_heads", None) or mc.num_attention_heads
-        per_token = 2 * mc.num_hidden_layers * heads * (getattr(mc, "head_dim", None) or mc.hidden_size //
-                                                        mc.num_attention_heads) * next(model.parameters()).element_size()
-        # keys and values of every layer in half the free memory (which varies: a fixed --gen_tokens keeps the
-        # batches, so a resumed run's cached rows, the same from run to run)
-        budget = int(0.5 * torch.cuda.mem_get_info()[0] / per_token)
-    if not budget:
-        return [rows[i:i + cfg.gen_batch] for i in range(0, len(rows), cfg.gen_batch)]
-    batches, longest = [[]], 0
-    for row, n in zip(rows, (len(ids) for ids in tok([p for _, p in rows])["input_ids"])):
-        longest = max(longest, n)
-        if batches[-1] and (len(batches[-1]) == cfg.gen_batch or
-                            (len(batches[-1]) + 1) * (longest + cfg.max_new_tokens) > budget):
-            batches.append([])
-            longest = n
-        batches[-1].append(row)
-    return batches
-
-
-def cached_generate(model, tok, rows, cfg, path, seed, desc, temperature=None):
-    """Generate for many rows [(key, prompt)] in batches of cfg.gen_batch, appending each finished batch to `path`
-    ({"key", "text", "tokens", "batch", "tag"} per row). A restarted run skips the batches already on disk; batch b
-    always gets the same rows and seed, so a resumed run produces exactly what an uninterrupted one would. A row is
-    reused only if its tag (weights, prompt, sampling settings, seed, code version) matches: never a stale row.
-    -> ({key: text}, {"tokens": generated for these rows, "new_tokens" and "seconds": the part done now})"""
-    temperature = cfg.temperature if temperature is None else temperature
-    weights = model_fingerprint(model)
-
-    def tag(prompt, b):  # what produced a row: a cached row is reused only if all of this is unchanged
-        what = [CACHE_VERSION, weights, prompt, temperature, cfg.max_new_tokens, seed * 100003 + b]
-        return hashlib.sha1(json.dumps(what).encode()).hexdigest()[:16]
-    done = {}
-    if os.path.exists(path):
-        cached = read_jsonl(path, tolerant=True)
-        with open(path, "rb") as f:
-            torn = f.seek(0, 2) > 0 and (f.seek(-1, 2) or f.read(1)) != b"\n"
-        if torn:  # a crash mid-write: drop the partial line so new batches append after whole rows
-            write_jsonl(path, cached)
-        done = {r["key"]: r for r in cached}
-    batches = gen_batches(model, tok, rows, cfg)
-    todo = [b for b, batch in enumerate(batches)
-            if not all(k in done and done[k].get("tag") == tag(p, b) for k, p in batch)]
-    new_tokens, read_tokens, t0 = 0, 0, time.time()
-    for first in tqdm(range(0, len(todo), WORLD), desc=desc, leave=False):  # a round: each rank samples one batch
-        fresh = []
-        if first + RANK < len(todo):
-            b = todo[first + RANK]
-            texts, n, read = generate(model, tok, [p for _, p in batches[b]], temperature, cfg.max_new_tokens,
-                                      seed * 100003 + b)
-            fresh = [{"key": k, "text": t, "tokens": m, "batch": b, "tag": tag(p, b)}
-                     for (k, p), t, m in zip(batches[b], texts, n)]
-            new_tokens, read_tokens = new_tokens + sum(n), read_tokens + read
-        fresh = gather(fresh)
-        write_jsonl(path, fresh, mode="a")
-        done.update({r["key"]: r for r in fresh})
-    new_tokens, read_tokens = (sum(gather([x])) for x in (new_tokens, read_tokens))
-    stats = {"tokens": sum(done[k]["tokens"] for k, _ in rows), "new_tokens": new_tokens,
-             "seconds": time.time() - t0}
-    if new_tokens and model is not None:  # model FLOPs: 2 N per token, prompts read once each plus the tokens written
-        sp = speed(model, new_tokens, 2 * (read_tokens + new_tokens) / new_tokens, stats["seconds"])
-        tqdm.write(f"  {desc}: {new_tokens} tokens in {stats['seconds']:.1f} s, {sp['tokens_per_s']} tokens/s, "
-                   f"MFU {sp['mfu']:.1%}, peak memory {sp['peak_gib']} GiB")
-        stats.update(sp)
-    return {k: done[k]["text"] for k, _ in rows}, stats
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1423,75 +799,6 @@ def optimizer_step(opt, sched):
             p.copy_(m)
 
 
-def check_finite(loss, stage):
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"{stage}: the loss became {loss.item()}; lower the learning rate (--lr/--dpo_lr)")
-
-
-def save_train_state(path, model, opt, sched, step, extra):
-    """Everything a killed training run needs to go on exactly where it stopped, written under a temporary name
-    and renamed, so a crash mid-write leaves the previous checkpoint intact."""
-    if RANK == 0:
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step,
-                    "masters": [m for _, m in opt.masters], "torch_rng": torch.get_rng_state(), "extra": extra},
-                   path + ".tmp")
-        os.replace(path + ".tmp", path)
-    sync()
-
-
-def load_train_state(path, model, opt, sched, extra):
-    """-> the step to resume after (0 = fresh start); restores model, optimizer, scheduler, RNG and `extra`."""
-    if not path or not os.path.exists(path):
-        return 0
-    state = torch.load(path, weights_only=False)
-    model.load_state_dict(state["model"])
-    opt.load_state_dict(state["opt"])
-    with torch.no_grad():  # the fp32 masters carry the bits that the bf16 weights rounded off
-        for (p, m), saved in zip(opt.masters, state.get("masters") or [p for p, _ in opt.masters]):
-            m.copy_(saved)
-    sched.load_state_dict(state["sched"])
-    torch.set_rng_state(state["torch_rng"])
-    extra.update(state["extra"])
-    print(f"resuming {path} after step {state['step']}")
-    return state["step"]
-
-
-def memory_estimate(model, batch, seq, grad_ckpt):
-    """GiB for weights, gradients, AdamW's two fp32 moments (plus the fp32 masters of bf16 weights: make_optimizer)
-    and one batch's activations. Activations per layer follow Korthikanti et al. 2022: s b h (34 + 5 a s / h) bytes
-    in 16-bit (2 s b h kept with checkpointing), plus the fp32 logits and their log-softmax (2 x 4 b s V bytes)."""
-    mc, size = model.config, next(model.parameters()).element_size()
-    h, a, L, V = mc.hidden_size, mc.num_attention_heads, mc.num_hidden_layers, mc.vocab_size
-    total = sum(p.numel() for p in model.parameters())
-    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    per_layer = seq * batch * h * (2 if grad_ckpt else 34 + 5 * a * seq / h) * size / 2
-    gib = {"weights": total * size, "gradients": trained * size, "optimizer": trained * (8 if size == 4 else 12),
-           "activations": L * per_layer + 8 * batch * seq * V}
-    return {k: round(v / 2 ** 30, 3) for k, v in gib.items()}
-
-
-def train_flops(cfg):
-    """Model FLOPs per token and weight for a training step: 2 forward + 4 backward, the last 2 of them (weight
-    gradients) skipped for frozen weights under LoRA."""
-    return 4 if cfg.lora_rank else 6
-
-
-def prepare_training(model, cfg, desc):
-    """Adapters (--lora_rank) and activation checkpointing (--grad_ckpt), train mode, and the memory this needs."""
-    if cfg.lora_rank:
-        add_lora(model, cfg.lora_rank)
-    if cfg.grad_ckpt:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    est = memory_estimate(model, cfg.batch_size, cfg.max_len, cfg.grad_ckpt)
-    print(f"{desc}: memory estimate (GiB, batch {cfg.batch_size} x {cfg.max_len} tokens at most): "
-          + ", ".join(f"{k} {v}" for k, v in est.items()) + f", total {sum(est.values()):.3f}")
-    if WORLD == 1:
-        return model
-    from torch.nn.parallel import DistributedDataParallel
-    return DistributedDataParallel(model)  # forwards through it; its backward averages gradients over the ranks
-
-
 def epoch_batches(rng, lengths, cfg):
     """One epoch as lists of example indices: shuffled, cut into batches. With --sort_len, examples of similar length
     share a batch (sorted within windows of 64 batches, then the batches shuffled), so little of a batch is padding.
@@ -1607,32 +914,6 @@ def dpo_logps(model, tok, enc_pairs, cfg, device):
     ids, att, mask, _ = batch_tensors(tok, [c for c, _ in enc_pairs] + [r for _, r in enc_pairs], cfg.max_len, device)
     logps = sequence_logps(model, ids, att, mask)                                       # (2B,)
     return logps[:len(enc_pairs)], logps[len(enc_pairs):]
-
-
-def branched_logps(model, tok, enc_pairs, cfg, device):
-    """dpo_logps for pairs that share a long prompt (per-step pairs: question + solution prefix) and differ in a short
-    step: the prompt is read once; chosen runs from its KV cache, the cache is cut back to the prompt, rejected runs
-    from it; gradients flow through the cache into the prompt. Instead of two full forwards over mostly the same
-    tokens, and each side padded only to its own longest (a rejected step is short). Same values (tested)."""
-    prompts, pad = [c[0] for c, _ in enc_pairs], tok.pad_token_id
-    p_ids, p_att = left_pad(prompts, pad, device)                                                  # (B, Tp)
-    out = model(input_ids=p_ids, attention_mask=p_att, position_ids=(p_att.cumsum(-1) - 1).clamp(min=0),
-                use_cache=True, logits_to_keep=1)
-    cache, first = out.past_key_values, out.logits[:, -1:]  # (B, 1, V): predicts each response's first token
-    logps = []
-    for side in (0, 1):  # chosen, then rejected
-        responses = [pair[side][1][:max(0, cfg.max_len - len(pair[side][0]))] for pair in enc_pairs]
-        Tr = max(1, max(map(len, responses)))
-        r_ids = torch.tensor([r + [pad] * (Tr - len(r)) for r in responses], device=device)        # (B, Tr)
-        r_att = torch.tensor([[1] * len(r) + [0] * (Tr - len(r)) for r in responses], device=device)
-        logits = model(input_ids=r_ids, attention_mask=torch.cat([p_att, r_att], 1), past_key_values=cache,
-                       position_ids=p_att.sum(-1, keepdim=True) + torch.arange(Tr, device=device),
-                       use_cache=True).logits                                                      # (B, Tr, V)
-        cache.crop(-Tr)                                                   # back to the prompt for the other side
-        logits = torch.cat([first, logits[:, :-1]], 1).float()           # (B, Tr, V): what predicts each token
-        tok_logp = torch.log_softmax(logits, -1).gather(-1, r_ids.unsqueeze(-1)).squeeze(-1)      # (B, Tr)
-        logps.append((tok_logp * r_att).sum(-1))                                                   # (B,)
-    return logps[0], logps[1]
 
 
 def with_reference_logps(model, tok, pairs, cfg, desc):
@@ -1768,54 +1049,6 @@ def evaluate(model, tok, problems, cfg, path, desc):
 # ---------------------------------------------------------------------------------------------------------------
 # Stages: each writes its evidence under out/<stage>/ and a done.json last; a stage with done.json is reused.
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def stage_done(cfg, name):
-    """The stage's result if it finished and every output it recorded is still there with the same size, else None
-    (a stage whose outputs were lost or changed is redone, not trusted)."""
-    path = f"{cfg.out}/{name}/done.json"
-    if not os.path.exists(path):
-        return None
-    result = json.load(open(path))
-    for rel, size in result.get("outputs", {}).items():
-        f = f"{cfg.out}/{name}/{rel}"
-        if not os.path.exists(f) or os.path.getsize(f) != size:
-            print(f"{f}: missing or changed since the stage finished; redoing stage {name}")
-            return None
-    return result
-
-
-# What each stage's outputs are computed from: a stage that is redone makes these stale, so they are redone too.
-DOWNSTREAM = {"base": ["sft", "rft"], "sft": ["eval_sft", "samples", "rft"], "samples": ["rft", "dpo", "per_step", "per_step_awr", "per_step_oracle"],
-              "rft": ["eval_rft"], "dpo": ["eval_dpo"], "per_step": ["eval_per_step"],
-              "per_step_awr": ["eval_per_step_awr"], "per_step_oracle": ["eval_per_step_oracle"]}
-
-
-def invalidate_downstream(cfg, name):
-    for later in DOWNSTREAM.get(name, []):
-        if os.path.exists(f"{cfg.out}/{later}/done.json"):
-            print(f"{cfg.out}/{later}: made from an earlier {name}; it will be redone")
-            sync()  # every rank has seen it before rank 0 removes it
-            if RANK == 0:
-                os.remove(f"{cfg.out}/{later}/done.json")
-            sync()
-        invalidate_downstream(cfg, later)
-
-
-def finish_stage(cfg, name, result):
-    invalidate_downstream(cfg, name)
-    if os.path.exists(f"{cfg.out}/{name}/train_state.pt"):  # the model is saved: the resume state is not needed
-        sync()
-        if RANK == 0:
-            os.remove(f"{cfg.out}/{name}/train_state.pt")
-        sync()
-    result["outputs"] = {os.path.relpath(os.path.join(d, f), f"{cfg.out}/{name}"): os.path.getsize(os.path.join(d, f))
-                         for d, _, files in os.walk(f"{cfg.out}/{name}") for f in files if f != "done.json"}
-    write_jsonl(f"{cfg.out}/metrics.jsonl", [{"stage": name, **{k: v for k, v in result.items()
-                                                                  if k not in ("log", "outputs")}}],
-                mode="a")
-    write_text(f"{cfg.out}/{name}/done.json", json.dumps(result, indent=1))
-    return result
 
 
 def run_synth(cfg, train):
@@ -2301,6 +1534,833 @@ def run_scaling(cfg, train, test, val=None):
     return rows, credit
 
 
+# ===============================================================================================================
+# Machinery: what a reader of the method can skip. The method above calls these by name: processes (torchrun),
+# atomic files, the answer checker's rules, LoRA, the sampler's KV cache and the resumable generation cache,
+# checkpoints and MFU accounting, stage book-keeping, the scaling report's table and picture, the benchmarks.
+# ===============================================================================================================
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Processes: one, or one per GPU (or CPU process) under torchrun, data parallel with torch's own engine.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+RANK, WORLD = 0, 1  # this process and how many there are: torchrun --nproc_per_node N stepneg.py ... sets WORLD = N
+
+
+def start_processes(cfg):
+    """Under torchrun (it sets WORLD_SIZE, RANK, LOCAL_RANK): join the process group, NCCL with one GPU per rank or
+    gloo on CPU. Every rank runs the same program; sampling batches are shared out, each training batch is split
+    across ranks (DistributedDataParallel averages the gradients), and rank 0 alone writes files and prints (the other
+    ranks' output goes to out/rank<r>.log)."""
+    global RANK, WORLD
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    cuda = pick_device(cfg) == "cuda"
+    if cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    RANK, WORLD = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if RANK > 0:
+        os.makedirs(cfg.out, exist_ok=True)
+        sys.stdout = sys.stderr = open(f"{cfg.out}/rank{RANK}.log", "w", buffering=1)
+
+
+def sync():
+    """Wait for every rank: what rank 0 has just written, the others may now read."""
+    if WORLD > 1:
+        torch.distributed.barrier()
+
+
+def gather(rows):
+    """Every rank's list, concatenated in rank order, on every rank."""
+    if WORLD == 1:
+        return rows
+    parts = [None] * WORLD
+    torch.distributed.all_gather_object(parts, rows)
+    return [r for part in parts for r in part]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Files: whole files written under a temporary name and renamed; jsonl read line by line with line numbers.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def write_text(path, text):
+    """A whole file, written to a temporary name and renamed: a crash leaves the old file or the new, never half."""
+    if RANK == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+    sync()
+
+
+def write_jsonl(path, rows, mode="w"):
+    """Write rows whole (write_text), or append them and flush (a cache growing a batch at a time)."""
+    if mode == "a":
+        if RANK == 0:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            with open(path, "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+                f.flush()
+        sync()
+        return
+    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def numbered_jsonl(path, tolerant=False):
+    """(line number, row) for each non-blank line. A cache (tolerant=True) drops a torn last line from a crash;
+    user data must be clean: a bad line stops with its file and line number."""
+    with open(path) as f:
+        lines = f.readlines()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError as e:
+            if tolerant and n == len(lines):
+                return
+            raise ValueError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
+
+
+def read_jsonl(path, tolerant=False):
+    return [row for _, row in numbered_jsonl(path, tolerant)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The answer checker's rules (is_equiv's helpers): normalising, parsing under a whitelist and a time bound, forms.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _braced(text, start):
+    """Content of the {...} group opening at text[start] == "{", nested braces matched; None if unclosed."""
+    depth = 0
+    for i in range(start, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[start + 1:i]
+    return None
+
+
+def _normalize(s):
+    """Surface clean-up before comparison: "\\$1,000.00" -> "1000.00", "90^\\circ" -> "90", "\\dfrac12" -> "\\frac{1}{2}"."""
+    s = s.strip().replace("\\\\", "\n")  # a matrix row break; "\\ " would otherwise read as a spaced "\ "
+    for a, b in [("−", "-"), ("π", "\\pi"), ("∞", "\\infty"), ("\\left", ""), ("\\right", ""), ("\\!", ""),
+                 ("\\,", ""), ("\\;", ""), ("\\:", ""), ("\\ ", " "), ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"),
+                 ("\\displaystyle", ""), ("\\$", ""), ("$", ""), ("^\\circ", ""), ("^{\\circ}", ""), ("°", ""),
+                 ("\\mathrm{", "\\text{"), ("\\textbf{", "\\text{"), ("\\mbox{", "\\text{"), ("\\textnormal{", "\\text{"),
+                 ("\\cfrac", "\\frac"), ("\\dbinom", "\\binom"), ("\\tbinom", "\\binom"), ("{,}", ","),
+                 ("\\leq", "<="), ("\\geq", ">="), ("\\le", "<="), ("\\ge", ">="), ("\\lt", "<"), ("\\gt", ">"),
+                 ("\\neq", "!="), ("\\ne", "!="), ("\\lbrace", "\\{"), ("\\rbrace", "\\}"), ("\\mp", "\\pm")]:
+        s = s.replace(a, b)
+    s = re.sub(r"\\text\{\s*([^{}]*)\}", r" \1", s).strip()
+    s = re.sub(r"^(-?[\d.]+)\s*(\\times|\\cdot)\s*10\^\{?(-?\d+)\}?$", r"\1e\3", s)  # "1.5 \times 10^{3}" -> "1.5e3"
+    s = re.sub(r"\s*(degrees?|percent|dollars?|units?|cents?)\s*$", "", s)
+    s = re.sub(r"\\(frac|sqrt)\s*(\w)(\w)?", lambda m: f"\\{m[1]}{{{m[2]}}}" + (f"{{{m[3]}}}" if m[3] else ""), s)
+    s = re.sub(r"_\{(\w+)\}", r"_\1", s)                         # "101_{2}" -> "101_2"
+    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s.replace(" ", "")) or \
+            re.fullmatch(r"-?\d{1,3}([ \u2009\u202f]\d{3})+(\.\d+)?", s):
+        s = re.sub(r"[, \u2009\u202f]", "", s)                 # thousands separators: 12,500  12 500  12{,}500
+    m = re.fullmatch(r"(-?)(\d*)\.(\d*)\\overline\{(\d+)\}", s)
+    if m:                                                      # 0.1\overline{6} -> 1/6, exactly
+        sign, whole, fixed, rep = m.groups()
+        value = (int(whole or 0) + (Fraction(int(fixed or 0)) + Fraction(int(rep), 10 ** len(rep) - 1)) /
+                 10 ** len(fixed))
+        s = sign + f"{value.numerator}/{value.denominator}"
+    m = re.fullmatch(r"(-?[\d.]+)\s+([a-zA-Z][a-zA-Z ]*)(\^\{?\d\}?)?", s)
+    if m:                                                      # "18 apples", "5 cm^2" -> the number
+        s = m.group(1)
+    return s.strip().rstrip(".").strip()
+
+
+def _matrix(s):
+    """Normalised "\\begin{pmatrix} 1 & 2 \\n 3 & 4 \\end{pmatrix}" -> [["1", "2"], ["3", "4"]]; None if not one."""
+    s = re.sub(r"^[(\[]\s*(\\begin\{(?:array\}\{[lcr|]*|[pbvB]?matrix)\}.*\\end\{(?:array|[pbvB]?matrix)\})\s*[)\]]$", r"\1",
+               s.strip(), flags=re.S)                         # [array], (pmatrix): the brackets are the matrix's
+    s = re.sub(r"^\\begin\{array\}\{[lcr|]*\}(.*)\\end\{array\}$", r"\\begin{matrix}\1\\end{matrix}", s, flags=re.S)
+    m = re.fullmatch(r"\\begin\{[pbvB]?matrix\}(.*)\\end\{[pbvB]?matrix\}", s.strip(), re.S)
+    if not m:
+        return None
+    return [[c.strip() for c in row.split("&")] for row in m.group(1).split("\n") if row.strip()]
+
+
+_NUMBER = re.compile(r"-?(\d+\.?\d*|\.\d+)([eE][-+]?\d{1,3})?")
+
+
+_SAFE_NAMES = {"sqrt", "pi", "oo", "sin", "cos", "tan", "csc", "sec", "cot", "log", "exp", "factorial", "binomial"}
+
+
+def _latex_to_sympy(s):
+    """A whitelisted translation of a LaTeX-ish answer to sympy syntax, or None when it is not plainly math.
+    "\\frac{\\sqrt{3}}{2}" -> "((sqrt((3))))/((2))"     "2^{10}" -> "2**(10)"     "import os" -> None"""
+    if len(s) > 200:
+        return None
+    for _ in range(20):  # innermost-first rewriting of \frac{a}{b} and \sqrt{a}; bounded
+        m = re.search(r"\\(frac|binom)\{([^{}]*)\}\{([^{}]*)\}", s)
+        if m:  # \frac{a}{b} -> ((a)/(b)),  \binom{n}{k} -> binomial((n),(k))
+            s = s[:m.start()] + (f"(({m[2]})/({m[3]}))" if m[1] == "frac" else f"binomial(({m[2]}),({m[3]}))") + s[m.end():]
+            continue
+        m = re.search(r"\\sqrt\[([^{}\[\]]*)\]\{([^{}]*)\}", s)
+        if m:  # \sqrt[n]{a} -> ((a)**(1/(n)))
+            s = s[:m.start()] + f"(({m[2]})**(1/({m[1]})))" + s[m.end():]
+            continue
+        m = re.search(r"\\sqrt\{([^{}]*)\}", s)
+        if not m:
+            break
+        s = s[:m.start()] + f"(sqrt(({m[1]})))" + s[m.end():]
+    for a, b in [("\\cdot", "*"), ("\\times", "*"), ("\\div", "/"), ("\\pi", "pi"), ("\\infty", "oo"), ("^", "**"),
+                 ("{", "("), ("}", ")"), ("\\sin", "sin"), ("\\cos", "cos"), ("\\tan", "tan"), ("\\ln", "log"),
+                 ("\\log", "log"), ("\\exp", "exp"), ("\\csc", "csc"), ("\\sec", "sec"), ("\\cot", "cot")]:
+        s = s.replace(a, b)
+    if re.search(r"[\d+\-*/]", s):  # in an expression, "ab" is a times b (a bare word stays a word: "yes" != "y e s")
+        s = re.sub(r"(?<![a-zA-Z])[a-zA-Z]{2,3}(?![a-zA-Z])", lambda m: m[0] if m[0] in _SAFE_NAMES else "*".join(m[0]), s)
+    if re.search(r"!\s*!|\)\s*!|\d{4,}\s*!", s):
+        return None                                         # 100!!!, (n)!, 5000!: towers and giants, refused
+    s = re.sub(r"(\d+)\s*!", r"factorial(\1)", s)           # 4! -> factorial(4)
+    if "binomial" in s and re.search(r"\d{5,}", s):
+        return None                                         # \binom{999999999}{500000}: too big to evaluate in time
+    if not re.fullmatch(r"[0-9a-zA-Z+\-*/().,\s]*", s) or not s.strip() or ("," in s and "binomial" not in s):
+        return None
+    if any(len(w) > 1 and w not in _SAFE_NAMES for w in re.findall(r"[a-zA-Z]+", s)):
+        return None                                         # only single-letter symbols and known functions
+    if re.search(r"\*\*\s*\([^()]*\*\*|\*\*\s*\(?[^()+\-*/]*\)?\s*\*\*", s):
+        return None                                         # a power in an exponent (towers): too big to evaluate
+    if s.count("**") > 2 or any(len(d) > 40 for d in re.findall(r"\d+", s)):
+        return None                                         # 9^9^9^9 and 10^(huge) never reach sympy
+    if any(abs(int(e)) > 300 for e in re.findall(r"\*\*\s*\(?\s*-?(\d{1,40})", s)):
+        return None
+    return s
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _with_time_limit(seconds, fn, *args):
+    """Run fn under a wall-clock bound (SIGALRM, main thread only); other threads rely on _latex_to_sympy's caps."""
+    if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        return fn(*args)
+
+    def on_alarm(*_):
+        raise _Timeout()
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        return fn(*args)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _parse(text):
+    """Whitelisted sympy syntax (from _latex_to_sympy) -> a sympy expression. Call under _with_time_limit."""
+    # imported by the caller first, outside the time limit: an import cut short by the alarm would leave sympy
+    # half-initialised for the rest of the run
+    import sympy
+    from sympy.parsing.sympy_parser import parse_expr, standard_transformations, rationalize, \
+        implicit_multiplication_application
+    # rationalize: decimals become exact rationals, so 0.333 != 1/3 while 0.5 == 1/2.
+    tr = standard_transformations + (implicit_multiplication_application, rationalize)
+    # every single letter is a plain Symbol (so "N", "S", "O" never reach sympy's functions of those names),
+    # except e and i, which MATH answers use for Euler's number and the imaginary unit
+    names = {c: sympy.Symbol(c) for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"}
+    names.update({"e": sympy.E, "i": sympy.I, "sqrt": sympy.sqrt, "pi": sympy.pi, "oo": sympy.oo, "sin": sympy.sin,
+                  "cos": sympy.cos, "tan": sympy.tan, "log": sympy.log, "exp": sympy.exp, "factorial": sympy.factorial,
+                  "binomial": sympy.binomial, "csc": sympy.csc, "sec": sympy.sec, "cot": sympy.cot})
+    return parse_expr(text, local_dict=names, transformations=tr, evaluate=True)
+
+
+def _sympy_equal(a, b):
+    import sympy
+    return sympy.simplify(_parse(a) - _parse(b)) == 0
+
+
+def _rounds_to(exact, decimal):
+    """Does the exact value (sympy syntax) round, half away from zero, to this decimal at its own precision?
+    ("2/3", "0.666667") -> True; ("2/3", "0.666666") -> False (truncated, not rounded)"""
+    from decimal import Decimal, ROUND_HALF_UP
+    value = _parse(exact).evalf(40)
+    if not value.is_real or not value.is_finite:
+        return False
+    d = Decimal(decimal)
+    return Decimal(str(value)).quantize(d, rounding=ROUND_HALF_UP) == d
+
+
+def _split_top(s):
+    """Split on commas outside brackets: "(1,2), 3" -> ["(1,2)", "3"]."""
+    parts, depth, cur = [], 0, ""
+    for ch in s:
+        depth += (ch in "([{") - (ch in ")]}")
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return parts + [cur]
+
+
+def _mixed_number(s):
+    """"2\\frac{1}{2}" or "2 1/2" -> "5/2"; anything else unchanged."""
+    m = re.fullmatch(r"(-?\d+)\s*\\frac\{(\d+)\}\{(\d+)\}|(-?\d+)\s+(\d+)/(\d+)", s)
+    if not m:
+        return s
+    w, n, d = [int(g) for g in m.groups() if g is not None]
+    return str(Fraction(w) + (Fraction(n, d) if w >= 0 else -Fraction(n, d))) if d else s
+
+
+def _equal_scalar(a, b):
+    if a == b:
+        return True
+    if _NUMBER.fullmatch(a) and _NUMBER.fullmatch(b):       # the fast path every toy answer takes
+        return Fraction(a) == Fraction(b)
+    a, b = _mixed_number(a), _mixed_number(b)
+    sa, sb = _latex_to_sympy(a), _latex_to_sympy(b)
+    if sa is None or sb is None:
+        return a.lower().replace(" ", "") == b.lower().replace(" ", "")
+    importlib.import_module("sympy.parsing.sympy_parser")  # slow the first time: outside the limit (_sympy_equal)
+    try:
+        for x, y in ((a, sb), (b, sa)):  # a decimal of 6+ significant digits equals the exact value it rounds to
+            if _NUMBER.fullmatch(x) and "." in x and len(x.replace("-", "").replace(".", "").lstrip("0")) >= 6:
+                return _with_time_limit(0.5, _rounds_to, y, x)
+        return bool(_with_time_limit(0.5, _sympy_equal, sa, sb))
+    except Exception:  # _Timeout, sympy's SyntaxError/TypeError/...: a malformed answer is simply not equal
+        return a.replace(" ", "") == b.replace(" ", "")
+
+
+def _equal_structured(a, b):
+    """Compare normalised answers: matrices cell by cell, unions of intervals piece by piece, tuples and intervals
+    in order with matching brackets, sets and bare lists as multisets, anything else as one expression."""
+    ma, mb = _matrix(a), _matrix(b)
+    if ma is not None or mb is not None:
+        return ma is not None and mb is not None and [len(r) for r in ma] == [len(r) for r in mb] and \
+            all(_equal_scalar(x, y) for ra, rb in zip(ma, mb) for x, y in zip(ra, rb))
+    if "\\cup" in a or "\\cup" in b:
+        xs, ys = a.split("\\cup"), b.split("\\cup")
+        return len(xs) == len(ys) and all(_equal_structured(x.strip(), y.strip()) for x, y in zip(xs, ys))
+    brackets = ("()", "[]", "(]", "[)")
+    if (a[:1] + a[-1:] in brackets and len(_split_top(a)) == 1) or (b[:1] + b[-1:] in brackets and len(_split_top(b)) == 1):
+        xs, ys = _split_top(a[1:-1]), _split_top(b[1:-1])
+        if len(xs) > 1 or len(ys) > 1:                      # tuples and intervals: in order, brackets must match
+            return a[:1] + a[-1:] == b[:1] + b[-1:] and len(xs) == len(ys) and \
+                all(_equal_scalar(x.strip(), y.strip()) for x, y in zip(xs, ys))
+    if a.startswith("\\{") and a.endswith("\\}"):             # a set: its elements, in any order
+        a = a[2:-2]
+    if b.startswith("\\{") and b.endswith("\\}"):
+        b = b[2:-2]
+    xs, ys = [x.strip() for x in _split_top(a)], [y.strip() for y in _split_top(b)]
+    if len(xs) > 1 or len(ys) > 1:                          # unordered lists, e.g. the roots of a polynomial
+        if all(x[:1] + x[-1:] in brackets for x in xs + ys):  # a list of tuples: each counted once
+            xs, ys = list(dict.fromkeys(x.replace(" ", "") for x in xs)), list(dict.fromkeys(y.replace(" ", "") for y in ys))
+        if len(xs) != len(ys):
+            return False
+        left = list(ys)
+        for x in xs:
+            hit = next((i for i, y in enumerate(left) if _equal_structured(x, y)), None)
+            if hit is None:
+                return False
+            left.pop(hit)
+        return True
+    return _equal_scalar(a, b)
+
+
+_RELATION = re.compile(r"<=|>=|!=|<|>|=")
+
+
+def _relation(s):
+    """"y = 2x + 1" -> ("=", "(2x + 1)-(y)"); "x > 2" -> ("<", "(x)-(2)") (> and >= turned round); else None."""
+    parts = _RELATION.split(s)
+    if len(parts) != 2 or len(_split_top(s)) > 1:
+        return None
+    op = _RELATION.search(s)[0]
+    left, right = (parts[1], parts[0]) if op in (">", ">=") else (parts[0], parts[1])
+    sl, sr = _latex_to_sympy(left.strip()), _latex_to_sympy(right.strip())
+    return None if sl is None or sr is None else ({">": "<", ">=": "<="}.get(op, op), f"({sr})-({sl})")
+
+
+def _sympy_ratio(a, b):
+    import sympy
+    x, y = (_parse(t) for t in (a, b))
+    if not x.free_symbols or not y.free_symbols:
+        return None
+    r = sympy.simplify(x / y)
+    return r if not r.free_symbols and r.is_number and r != 0 else None
+
+
+def _equal_relation(a, b):
+    """Two equations with the same solution set up to scaling (y = 2x + 1 ~ 4x - 2y + 2 = 0), or two inequalities up to
+    turning round and positive scaling (x < 2 ~ 2 > x ~ -x > -2): (R - L) / (R' - L') is a constant, positive for <."""
+    ra, rb = _relation(a), _relation(b)
+    if ra is None or rb is None or ra[0] != rb[0]:
+        return False
+    importlib.import_module("sympy.parsing.sympy_parser")
+    try:
+        r = _with_time_limit(0.5, _sympy_ratio, ra[1], rb[1])
+    except Exception:
+        return False
+    return r is not None and (ra[0] in ("=", "!=") or bool(r > 0))
+
+
+def _as_interval(s):
+    """An answer that describes an interval of one variable, as the interval: "0 <= t <= 4" -> "[0, 4]",
+    "x > 2" -> "(2, \\infty)", "x \\in (0, 1]" -> "(0, 1]"; else None."""
+    m = re.fullmatch(r"[a-zA-Z]\s*\\in\s*(.+)", s)
+    if m:
+        return m[1].strip()
+    m = re.fullmatch(r"([^<>=]+?)\s*(<=|<)\s*[a-zA-Z]\s*(<=|<)\s*([^<>=]+)", s)
+    if m:
+        return f"{'[' if m[2] == '<=' else '('}{m[1].strip()}, {m[4].strip()}{']' if m[3] == '<=' else ')'}"
+    m = re.fullmatch(r"[a-zA-Z]\s*(<=|>=|<|>)\s*([^<>=]+)|([^<>=]+?)\s*(<=|>=|<|>)\s*[a-zA-Z]", s)
+    if not m:
+        return None
+    op, v = (m[1], m[2]) if m[1] else ({"<": ">", ">": "<", "<=": ">=", ">=": "<="}[m[4]], m[3])
+    v = v.strip()
+    return {"<": f"(-\\infty, {v})", "<=": f"(-\\infty, {v}]", ">": f"({v}, \\infty)", ">=": f"[{v}, \\infty)"}[op]
+
+
+_LABEL = re.compile(r"(\|[^|]*\||\([a-zA-Z_\d\s,]*\)|[a-zA-Z](?:_\w+)?(?:\([^()]*\))?|\\[a-z]+)\s*(?:=|\\in)\s*(.+)")
+
+
+def _listed(a, b):
+    """Both answers as comparable lists: separators (; and or \\quad) as commas, a \\pm as its two values, labels
+    dropped ("x = 3, x = -4" -> "3, -4"; "(a, b) = (4, 1)" -> "(4, 1)"), unless both sides label several parts:
+    then the labels are compared too ("b_1 = 6, b_10 = 2" ~ "b_10 = 2, b_1 = 6", not "b_1 = 2, b_10 = 6")."""
+    out = []
+    for s in (a, b):
+        s = re.sub(r"\s*(?:\\q?quad|;|\band\b|\bor\b)\s*", ", ", s).strip(", ")
+        if s.startswith("\\{") and s.endswith("\\}"):
+            s = s[2:-2]
+        parts = []
+        for p in (x.strip() for x in _split_top(s)):
+            parts += [p.replace("\\pm", "+"), p.replace("\\pm", "-")] if p.count("\\pm") == 1 else [p]
+        out.append([(m[1].replace(" ", ""), m[2]) if m else (None, p) for m, p in ((_LABEL.fullmatch(p), p) for p in parts)])
+    labels = [[label for label, _ in x] for x in out]
+    if all(len(ls) > 1 and all(ls) and len(set(ls)) == len(ls) for ls in labels):  # b_1 = 6, b_10 = 2: by label
+        if sorted(labels[0]) != sorted(labels[1]):
+            return ["labels"], ["differ"]
+        return [["(" + ", ".join(v for _, v in sorted(x)) + ")"] for x in out]
+    return [[value for _, value in x] for x in out]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Devices and LoRA (Hu et al. 2021): plain-PyTorch low-rank adapters, merged on save.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def pick_device(cfg):
+    if cfg.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.device
+
+
+class LoRALinear(torch.nn.Module):
+    """y = W x + (alpha / r) B A x, with W frozen and only A (r x in) and B (out x r) trained. B starts at zero, so
+    the model starts exactly as the one it wraps: the reference log-probs taken before training are pi_sft's."""
+
+    def __init__(self, base, rank, alpha=16.0):
+        super().__init__()
+        self.base, self.scale = base, alpha / rank
+        self.A = torch.nn.Parameter(torch.randn(rank, base.in_features, dtype=base.weight.dtype,
+                                                device=base.weight.device) / base.in_features ** 0.5)
+        self.B = torch.nn.Parameter(torch.zeros(base.out_features, rank, dtype=base.weight.dtype,
+                                                device=base.weight.device))
+
+    def forward(self, x):
+        return self.base(x) + (x @ self.A.T @ self.B.T) * self.scale
+
+
+def add_lora(model, rank):
+    """Freeze every weight; wrap the attention and MLP projections (q/k/v/o, gate/up/down) in adapters."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, module in list(model.named_modules()):
+        for child, layer in list(module.named_children()):
+            if child.endswith("_proj") and isinstance(layer, torch.nn.Linear):
+                setattr(module, child, LoRALinear(layer, rank))
+    return model
+
+
+def merge_lora(model):
+    """Fold each adapter into its weight (W += scale B A) and unwrap it: a plain model for save_pretrained."""
+    for name, module in list(model.named_modules()):
+        for child, layer in list(module.named_children()):
+            if isinstance(layer, LoRALinear):
+                with torch.no_grad():
+                    layer.base.weight += (layer.B @ layer.A) * layer.scale
+                setattr(module, child, layer.base)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The sampler's internals and the resumable generation cache (batches keyed, seeded and fingerprinted).
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def left_pad(rows, pad, device):
+    """[[5, 6, 7], [8]] -> ids [[5, 6, 7], [pad, pad, 8]] and attention [[1, 1, 1], [0, 0, 1]]: every prompt ends at
+    the same position, so the next token of every row is predicted from the last column."""
+    T = max(len(r) for r in rows)
+    ids = torch.tensor([[pad] * (T - len(r)) + r for r in rows], device=device)                    # (B, T)
+    att = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows], device=device)           # (B, T)
+    return ids, att
+
+
+class RoomyLayer(DynamicLayer):
+    """A KV-cache layer with room reserved for the tokens still to come: a decode step writes its keys and values in
+    place. (transformers' DynamicLayer appends with torch.cat, copying the whole cache every step: a third of all
+    decode time on the CPU default.) keys/values are views of the first n positions of the buffers."""
+
+    @classmethod
+    def reserve(cls, layer, index, extra):
+        new = cls()
+        _, H, T, D = layer.keys.shape
+        new.buffers = [torch.empty(len(index), H, T + extra, D, dtype=x.dtype, device=x.device)
+                       for x in (layer.keys, layer.values)]
+        new.buffers[0][:, :, :T], new.buffers[1][:, :, :T] = layer.keys[index], layer.values[index]
+        new.dtype, new.device, new.is_initialized, new.n = layer.keys.dtype, layer.keys.device, True, T
+        new.keys, new.values = new.buffers[0][:, :, :T], new.buffers[1][:, :, :T]
+        return new
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        t = key_states.shape[-2]
+        self.buffers[0][:, :, self.n:self.n + t], self.buffers[1][:, :, self.n:self.n + t] = key_states, value_states
+        self.n += t
+        self.keys, self.values = self.buffers[0][:, :, :self.n], self.buffers[1][:, :, :self.n]
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices):
+        self.buffers = [b[indices] for b in self.buffers]
+        self.keys, self.values = self.buffers[0][:, :, :self.n], self.buffers[1][:, :, :self.n]
+
+
+def roomy(cache, index, extra):
+    """The prefill's cache with its row index[i] as row i, and room for `extra` more tokens per layer when every layer
+    is a plain DynamicLayer (sliding-window or hybrid models keep their own layers, re-indexed)."""
+    if all(type(layer) is DynamicLayer and layer.is_initialized for layer in getattr(cache, "layers", [None])):
+        cache.layers = [RoomyLayer.reserve(layer, index, extra) for layer in cache.layers]
+    else:
+        cache.batch_select_indices(index)
+    return cache
+
+
+_NEWLINE_IDS = {}
+
+
+def newline_ids(tok):
+    """The ids of every token whose text holds a newline (where an answer line can finish), worked out once."""
+    if id(tok) not in _NEWLINE_IDS:  # (the tokenizer is kept with its ids, so its id() cannot be reused)
+        texts = tok.batch_decode([[i] for i in range(len(tok))])
+        _NEWLINE_IDS[id(tok)] = (tok, frozenset(i for i, t in enumerate(texts) if "\n" in t))
+    return _NEWLINE_IDS[id(tok)][1]
+
+
+CACHE_VERSION = 2  # bump when a change to the code changes what generation produces for the same inputs
+
+
+def model_fingerprint(model):
+    """A cheap identity of the weights (the first values of every tensor): caches made by other weights are not reused."""
+    if model is None:
+        return "none"
+    h = hashlib.sha1()
+    for p in model.parameters():
+        h.update(p.detach().flatten()[:1024].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def gen_batches(model, tok, rows, cfg):
+    """Consecutive rows, cut into batches of at most --gen_batch rows and, with a token budget, at most that many
+    tokens of KV cache (rows x (longest prompt + max_new_tokens)): long rollout prefixes get smaller batches."""
+    budget = cfg.gen_tokens
+    if not budget and model is not None and next(model.parameters()).device.type == "cuda":
+        mc = model.config
+        heads = getattr(mc, "num_key_value_heads", None) or mc.num_attention_heads
+        per_token = 2 * mc.num_hidden_layers * heads * (getattr(mc, "head_dim", None) or mc.hidden_size //
+                                                        mc.num_attention_heads) * next(model.parameters()).element_size()
+        # keys and values of every layer in half the free memory (which varies: a fixed --gen_tokens keeps the
+        # batches, so a resumed run's cached rows, the same from run to run)
+        budget = int(0.5 * torch.cuda.mem_get_info()[0] / per_token)
+    if not budget:
+        return [rows[i:i + cfg.gen_batch] for i in range(0, len(rows), cfg.gen_batch)]
+    batches, longest = [[]], 0
+    for row, n in zip(rows, (len(ids) for ids in tok([p for _, p in rows])["input_ids"])):
+        longest = max(longest, n)
+        if batches[-1] and (len(batches[-1]) == cfg.gen_batch or
+                            (len(batches[-1]) + 1) * (longest + cfg.max_new_tokens) > budget):
+            batches.append([])
+            longest = n
+        batches[-1].append(row)
+    return batches
+
+
+def cached_generate(model, tok, rows, cfg, path, seed, desc, temperature=None):
+    """Generate for many rows [(key, prompt)] in batches of cfg.gen_batch, appending each finished batch to `path`
+    ({"key", "text", "tokens", "batch", "tag"} per row). A restarted run skips the batches already on disk; batch b
+    always gets the same rows and seed, so a resumed run produces exactly what an uninterrupted one would. A row is
+    reused only if its tag (weights, prompt, sampling settings, seed, code version) matches: never a stale row.
+    -> ({key: text}, {"tokens": generated for these rows, "new_tokens" and "seconds": the part done now})"""
+    temperature = cfg.temperature if temperature is None else temperature
+    weights = model_fingerprint(model)
+
+    def tag(prompt, b):  # what produced a row: a cached row is reused only if all of this is unchanged
+        what = [CACHE_VERSION, weights, prompt, temperature, cfg.max_new_tokens, seed * 100003 + b]
+        return hashlib.sha1(json.dumps(what).encode()).hexdigest()[:16]
+    done = {}
+    if os.path.exists(path):
+        cached = read_jsonl(path, tolerant=True)
+        with open(path, "rb") as f:
+            torn = f.seek(0, 2) > 0 and (f.seek(-1, 2) or f.read(1)) != b"\n"
+        if torn:  # a crash mid-write: drop the partial line so new batches append after whole rows
+            write_jsonl(path, cached)
+        done = {r["key"]: r for r in cached}
+    batches = gen_batches(model, tok, rows, cfg)
+    todo = [b for b, batch in enumerate(batches)
+            if not all(k in done and done[k].get("tag") == tag(p, b) for k, p in batch)]
+    new_tokens, read_tokens, t0 = 0, 0, time.time()
+    for first in tqdm(range(0, len(todo), WORLD), desc=desc, leave=False):  # a round: each rank samples one batch
+        fresh = []
+        if first + RANK < len(todo):
+            b = todo[first + RANK]
+            texts, n, read = generate(model, tok, [p for _, p in batches[b]], temperature, cfg.max_new_tokens,
+                                      seed * 100003 + b)
+            fresh = [{"key": k, "text": t, "tokens": m, "batch": b, "tag": tag(p, b)}
+                     for (k, p), t, m in zip(batches[b], texts, n)]
+            new_tokens, read_tokens = new_tokens + sum(n), read_tokens + read
+        fresh = gather(fresh)
+        write_jsonl(path, fresh, mode="a")
+        done.update({r["key"]: r for r in fresh})
+    new_tokens, read_tokens = (sum(gather([x])) for x in (new_tokens, read_tokens))
+    stats = {"tokens": sum(done[k]["tokens"] for k, _ in rows), "new_tokens": new_tokens,
+             "seconds": time.time() - t0}
+    if new_tokens and model is not None:  # model FLOPs: 2 N per token, prompts read once each plus the tokens written
+        sp = speed(model, new_tokens, 2 * (read_tokens + new_tokens) / new_tokens, stats["seconds"])
+        tqdm.write(f"  {desc}: {new_tokens} tokens in {stats['seconds']:.1f} s, {sp['tokens_per_s']} tokens/s, "
+                   f"MFU {sp['mfu']:.1%}, peak memory {sp['peak_gib']} GiB")
+        stats.update(sp)
+    return {k: done[k]["text"] for k, _ in rows}, stats
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training machinery: checkpoints that resume exactly, memory estimates, tokens/s and MFU, a non-finite stop.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=None)
+def matmul_peak(device, dtype):
+    """FLOP/s of one big square matmul on this device, timed once: the denominator of every MFU printed (a measured
+    peak, not a datasheet one, so a CPU run gets a meaningful figure too)."""
+    n = 4096 if device.type == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for reps in (1, 8):  # the first pass warms up
+        torch.cuda.synchronize() if device.type == "cuda" else None
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        torch.cuda.synchronize() if device.type == "cuda" else None
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+def speed(model, tokens, flops_per_token, seconds):
+    """tokens/s, model-FLOP utilisation (flops_per_token x N x tokens, N = the weights matmuls use; tokens of all
+    ranks, against all ranks' peak), and this process's peak memory."""
+    p = next(model.parameters())
+    n = sum(q.numel() for q in model.parameters()) - (0 if getattr(model.config, "tie_word_embeddings", False) else
+                                                         model.get_input_embeddings().weight.numel())
+    if p.device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2 ** 30
+    else:  # the process's peak resident memory (KiB on Linux)
+        import resource
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    seconds = max(seconds, 1e-9)
+    return {"tokens_per_s": round(tokens / seconds), "peak_gib": round(peak, 2),
+            "mfu": round(flops_per_token * n * tokens / seconds / matmul_peak(p.device, p.dtype) / WORLD, 4)}
+
+
+def check_finite(loss, stage):
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"{stage}: the loss became {loss.item()}; lower the learning rate (--lr/--dpo_lr)")
+
+
+def save_train_state(path, model, opt, sched, step, extra):
+    """Everything a killed training run needs to go on exactly where it stopped, written under a temporary name
+    and renamed, so a crash mid-write leaves the previous checkpoint intact."""
+    if RANK == 0:
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step,
+                    "masters": [m for _, m in opt.masters], "torch_rng": torch.get_rng_state(), "extra": extra},
+                   path + ".tmp")
+        os.replace(path + ".tmp", path)
+    sync()
+
+
+def load_train_state(path, model, opt, sched, extra):
+    """-> the step to resume after (0 = fresh start); restores model, optimizer, scheduler, RNG and `extra`."""
+    if not path or not os.path.exists(path):
+        return 0
+    state = torch.load(path, weights_only=False)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    with torch.no_grad():  # the fp32 masters carry the bits that the bf16 weights rounded off
+        for (p, m), saved in zip(opt.masters, state.get("masters") or [p for p, _ in opt.masters]):
+            m.copy_(saved)
+    sched.load_state_dict(state["sched"])
+    torch.set_rng_state(state["torch_rng"])
+    extra.update(state["extra"])
+    print(f"resuming {path} after step {state['step']}")
+    return state["step"]
+
+
+def memory_estimate(model, batch, seq, grad_ckpt):
+    """GiB for weights, gradients, AdamW's two fp32 moments (plus the fp32 masters of bf16 weights: make_optimizer)
+    and one batch's activations. Activations per layer follow Korthikanti et al. 2022: s b h (34 + 5 a s / h) bytes
+    in 16-bit (2 s b h kept with checkpointing), plus the fp32 logits and their log-softmax (2 x 4 b s V bytes)."""
+    mc, size = model.config, next(model.parameters()).element_size()
+    h, a, L, V = mc.hidden_size, mc.num_attention_heads, mc.num_hidden_layers, mc.vocab_size
+    total = sum(p.numel() for p in model.parameters())
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    per_layer = seq * batch * h * (2 if grad_ckpt else 34 + 5 * a * seq / h) * size / 2
+    gib = {"weights": total * size, "gradients": trained * size, "optimizer": trained * (8 if size == 4 else 12),
+           "activations": L * per_layer + 8 * batch * seq * V}
+    return {k: round(v / 2 ** 30, 3) for k, v in gib.items()}
+
+
+def train_flops(cfg):
+    """Model FLOPs per token and weight for a training step: 2 forward + 4 backward, the last 2 of them (weight
+    gradients) skipped for frozen weights under LoRA."""
+    return 4 if cfg.lora_rank else 6
+
+
+def prepare_training(model, cfg, desc):
+    """Adapters (--lora_rank) and activation checkpointing (--grad_ckpt), train mode, and the memory this needs."""
+    if cfg.lora_rank:
+        add_lora(model, cfg.lora_rank)
+    if cfg.grad_ckpt:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    est = memory_estimate(model, cfg.batch_size, cfg.max_len, cfg.grad_ckpt)
+    print(f"{desc}: memory estimate (GiB, batch {cfg.batch_size} x {cfg.max_len} tokens at most): "
+          + ", ".join(f"{k} {v}" for k, v in est.items()) + f", total {sum(est.values()):.3f}")
+    if WORLD == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(model)  # forwards through it; its backward averages gradients over the ranks
+
+
+def branched_logps(model, tok, enc_pairs, cfg, device):
+    """dpo_logps for pairs that share a long prompt (per-step pairs: question + solution prefix) and differ in a short
+    step: the prompt is read once; chosen runs from its KV cache, the cache is cut back to the prompt, rejected runs
+    from it; gradients flow through the cache into the prompt. Instead of two full forwards over mostly the same
+    tokens, and each side padded only to its own longest (a rejected step is short). Same values (tested)."""
+    prompts, pad = [c[0] for c, _ in enc_pairs], tok.pad_token_id
+    p_ids, p_att = left_pad(prompts, pad, device)                                                  # (B, Tp)
+    out = model(input_ids=p_ids, attention_mask=p_att, position_ids=(p_att.cumsum(-1) - 1).clamp(min=0),
+                use_cache=True, logits_to_keep=1)
+    cache, first = out.past_key_values, out.logits[:, -1:]  # (B, 1, V): predicts each response's first token
+    logps = []
+    for side in (0, 1):  # chosen, then rejected
+        responses = [pair[side][1][:max(0, cfg.max_len - len(pair[side][0]))] for pair in enc_pairs]
+        Tr = max(1, max(map(len, responses)))
+        r_ids = torch.tensor([r + [pad] * (Tr - len(r)) for r in responses], device=device)        # (B, Tr)
+        r_att = torch.tensor([[1] * len(r) + [0] * (Tr - len(r)) for r in responses], device=device)
+        logits = model(input_ids=r_ids, attention_mask=torch.cat([p_att, r_att], 1), past_key_values=cache,
+                       position_ids=p_att.sum(-1, keepdim=True) + torch.arange(Tr, device=device),
+                       use_cache=True).logits                                                      # (B, Tr, V)
+        cache.crop(-Tr)                                                   # back to the prompt for the other side
+        logits = torch.cat([first, logits[:, :-1]], 1).float()           # (B, Tr, V): what predicts each token
+        tok_logp = torch.log_softmax(logits, -1).gather(-1, r_ids.unsqueeze(-1)).squeeze(-1)      # (B, Tr)
+        logps.append((tok_logp * r_att).sum(-1))                                                   # (B,)
+    return logps[0], logps[1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stage book-keeping: a finished stage is reused after a check of its files; a redone one makes later ones stale.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def config_help():
+    """{field: its comment in the Config block}, and the group headers before each field: the block above is the one
+    source of what every flag means, for the reader of the file and for --help alike."""
+    import inspect
+    helps, groups, group, last = {}, {}, "", None
+    for line in inspect.getsource(Config).splitlines()[2:]:
+        m = re.match(r"\s{4}(\w+): \w+ = .*?(?:#\s*(.*))?$", line)
+        if m:
+            last, helps[m[1]], groups[m[1]] = m[1], (m[2] or "").strip(), group
+        elif re.match(r"\s{4}#", line):
+            group = line.strip("# ").strip()
+        elif re.match(r"\s+#", line) and last:  # a comment's continuation line
+            helps[last] += " " + line.strip("# ").strip()
+    return helps, groups
+
+
+def stage_done(cfg, name):
+    """The stage's result if it finished and every output it recorded is still there with the same size, else None
+    (a stage whose outputs were lost or changed is redone, not trusted)."""
+    path = f"{cfg.out}/{name}/done.json"
+    if not os.path.exists(path):
+        return None
+    result = json.load(open(path))
+    for rel, size in result.get("outputs", {}).items():
+        f = f"{cfg.out}/{name}/{rel}"
+        if not os.path.exists(f) or os.path.getsize(f) != size:
+            print(f"{f}: missing or changed since the stage finished; redoing stage {name}")
+            return None
+    return result
+
+
+# What each stage's outputs are computed from: a stage that is redone makes these stale, so they are redone too.
+DOWNSTREAM = {"base": ["sft", "rft"], "sft": ["eval_sft", "samples", "rft"], "samples": ["rft", "dpo", "per_step", "per_step_awr", "per_step_oracle"],
+              "rft": ["eval_rft"], "dpo": ["eval_dpo"], "per_step": ["eval_per_step"],
+              "per_step_awr": ["eval_per_step_awr"], "per_step_oracle": ["eval_per_step_oracle"]}
+
+
+def invalidate_downstream(cfg, name):
+    for later in DOWNSTREAM.get(name, []):
+        if os.path.exists(f"{cfg.out}/{later}/done.json"):
+            print(f"{cfg.out}/{later}: made from an earlier {name}; it will be redone")
+            sync()  # every rank has seen it before rank 0 removes it
+            if RANK == 0:
+                os.remove(f"{cfg.out}/{later}/done.json")
+            sync()
+        invalidate_downstream(cfg, later)
+
+
+def finish_stage(cfg, name, result):
+    invalidate_downstream(cfg, name)
+    if os.path.exists(f"{cfg.out}/{name}/train_state.pt"):  # the model is saved: the resume state is not needed
+        sync()
+        if RANK == 0:
+            os.remove(f"{cfg.out}/{name}/train_state.pt")
+        sync()
+    result["outputs"] = {os.path.relpath(os.path.join(d, f), f"{cfg.out}/{name}"): os.path.getsize(os.path.join(d, f))
+                         for d, _, files in os.walk(f"{cfg.out}/{name}") for f in files if f != "done.json"}
+    write_jsonl(f"{cfg.out}/metrics.jsonl", [{"stage": name, **{k: v for k, v in result.items()
+                                                                  if k not in ("log", "outputs")}}],
+                mode="a")
+    write_text(f"{cfg.out}/{name}/done.json", json.dumps(result, indent=1))
+    return result
+
+
+def check_out_folder(cfg):
+    """An output folder belongs to one set of result-changing settings: mixing would silently corrupt caches."""
+    path = f"{cfg.out}/config.json"
+    mine = {k: getattr(cfg, k) for k in RESULT_KEYS}
+    if os.path.exists(path):
+        theirs = json.load(open(path))
+        diff = [k for k in RESULT_KEYS if k in theirs and theirs[k] != mine[k]]
+        if diff:
+            raise SystemExit(f"{cfg.out} was made with other settings ({', '.join(f'--{k} {theirs[k]!r}' for k in diff)}"
+                             f"); use a new --out or the same settings")
+    write_text(path, json.dumps(mine, indent=1))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reports: the scaling table and its picture (scaling.md, scaling.svg).
+# ---------------------------------------------------------------------------------------------------------------
+
+
 def mean_sd(values):
     values = [v for v in values if v is not None]
     if not values:
@@ -2391,6 +2451,11 @@ def scaling_svg(rows, sizes):
         out += [f'<circle cx="{W - right + 14}" cy="{top + 10 + 18 * i}" r="5" fill="{colour}"/>',
                 f'<text x="{W - right + 24}" y="{top + 14 + 18 * i}">{label}</text>']
     return "\n".join(out + ["</svg>"]) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Benchmarks: --mode bench_rollouts, bench_dpo, bench_shapes (their figures are in the README).
+# ---------------------------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
@@ -2583,19 +2648,6 @@ def bench_shapes(cfg, train, shapes=SHAPES):
 # ---------------------------------------------------------------------------------------------------------------
 # Main.
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def check_out_folder(cfg):
-    """An output folder belongs to one set of result-changing settings: mixing would silently corrupt caches."""
-    path = f"{cfg.out}/config.json"
-    mine = {k: getattr(cfg, k) for k in RESULT_KEYS}
-    if os.path.exists(path):
-        theirs = json.load(open(path))
-        diff = [k for k in RESULT_KEYS if k in theirs and theirs[k] != mine[k]]
-        if diff:
-            raise SystemExit(f"{cfg.out} was made with other settings ({', '.join(f'--{k} {theirs[k]!r}' for k in diff)}"
-                             f"); use a new --out or the same settings")
-    write_text(path, json.dumps(mine, indent=1))
 
 
 def main(argv=None):
