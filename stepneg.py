@@ -207,8 +207,12 @@ def make_chain(rng):
     for _ in range(rng.randint(3, 4)):
         op = rng.choice(["+", "+"] + ["-", "-"] * (value > 20) + ["*"] * (value <= 60)
                         + ["/"] * (value % 2 == 0 or value % 3 == 0))
-        n = {"+": lambda: rng.randint(2, 40), "-": lambda: rng.randint(2, min(40, value - 10)),
-             "*": lambda: rng.choice([2, 3]), "/": lambda: rng.choice([d for d in (2, 3) if value % d == 0])}[op]()
+        if op == "+":
+            n = rng.randint(2, 40)
+        elif op == "-":
+            n = rng.randint(2, min(40, value - 10))
+        else:
+            n = rng.choice([d for d in (2, 3) if op == "*" or value % d == 0])
         value = apply_op(value, op, n)
         ops.append((op, n))
     return start, ops, value
@@ -223,7 +227,8 @@ def chain_text(start, ops, rng=None, merge=0.0):
     line ("32 - 13 + 31 = 50"): the bigstep teacher's steps, bigger than the learner can take."""
     value, lines, i = start, [], 0
     while i < len(ops):
-        k = 2 if (ops[i][0] in "+-" and i + 1 < len(ops) and ops[i + 1][0] in "+-" and rng and rng.random() < merge) else 1
+        two_sums = ops[i][0] in "+-" and i + 1 < len(ops) and ops[i + 1][0] in "+-"
+        k = 2 if two_sums and rng and rng.random() < merge else 1
         new = value
         for op, n in ops[i:i + k]:
             new = apply_op(new, op, n)
@@ -238,11 +243,16 @@ def make_bigstep_problem(rng):
         "answer": "86", "response": "32 - 13 + 31 = 50\n50 + 36 = 86\nThe answer is 86"}"""
     start, ops, value = make_chain(rng)
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    words = {"+": lambda n: f"{rng.choice(['buys', 'finds', 'gets'])} {n} more.",
-             "-": lambda n: f"{rng.choice(['gives away', 'loses', 'sells'])} {n}.",
-             "*": lambda n: f"{['doubles', 'triples'][n - 2]} them.",
-             "/": lambda n: f"keeps {['half', 'a third'][n - 2]} of them."}
-    sentences = [f"{name} has {start} {item}."] + [f"{name} {words[op](n)}" for op, n in ops]
+    sentences = [f"{name} has {start} {item}."]
+    for op, n in ops:
+        if op == "+":
+            sentences.append(f"{name} {rng.choice(['buys', 'finds', 'gets'])} {n} more.")
+        elif op == "-":
+            sentences.append(f"{name} {rng.choice(['gives away', 'loses', 'sells'])} {n}.")
+        elif op == "*":
+            sentences.append(f"{name} {['doubles', 'triples'][n - 2]} them.")
+        else:
+            sentences.append(f"{name} keeps {['half', 'a third'][n - 2]} of them.")
     return {"question": " ".join(sentences + [f"How many {item} now?"]), "answer": str(value),
             "response": chain_text(start, ops, rng, merge=0.5)}
 
