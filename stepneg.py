@@ -906,6 +906,7 @@ def keep_best(model, tok, val, cfg, step, st, folder, desc):
         if RANK == 0:
             torch.save(model.state_dict(), f"{folder}/best.pt.tmp")
             os.replace(f"{folder}/best.pt.tmp", f"{folder}/best.pt")
+        sync()  # under torchrun every rank sees the same accuracy, and the file before it reads it back
     tqdm.write(f"  {desc} step {step} validation accuracy {acc:.3f} (best {st['best_val']:.3f} at {st['best_step']})")
 
 
