@@ -23,8 +23,8 @@ LLM Math Reasoning by Eight-Fold" (NeurIPS 2024, arXiv 2406.14532). The pipeline
 
 Read top to bottom, the file is the method: config, data, answer checking, model and tokenizer, sampling, steps and
 rollouts, losses, training loops, evaluation, stages, the scaling measurement. After it, under one banner, the
-machinery a reader can skip (processes, files, the checker's rules, LoRA, the sampler's cache, checkpoints,
-stage book-keeping, reports, benchmarks), then main.
+machinery a reader can skip (the toys' truth, processes, files, the checker's rules, LoRA, the sampler's cache,
+checkpoints, stage book-keeping, reports, the command line, benchmarks), then main.
 """
 import argparse
 import dataclasses
@@ -49,7 +49,7 @@ from tqdm import tqdm
 from transformers.cache_utils import DynamicLayer
 
 # ---------------------------------------------------------------------------------------------------------------
-# Config: every default in one place, every field a command-line flag (--name value).
+# Config: every default in one place, every field a command-line flag (--name value; parse_config, after the method).
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -124,40 +124,7 @@ class Config:
     seeds: int = 2               # seeds per scaling run, each a full repeat
 
 
-CHOICES = {"mode": ("make_data", "synth", "sft", "rft", "dpo", "per_step", "eval", "all", "scaling", "bench_rollouts",
-                    "bench_dpo", "bench_shapes"),
-           "device": ("auto", "cpu", "cuda"), "credit": ("first_pit", "min_advantage"), "pair_form": ("step", "full"),
-           "loss": ("dpo", "awr", "both"), "task": ("bigstep", "arith")}
-
-
-# Settings that change what a stage computes: an output folder made with other values is refused, not mixed.
-RESULT_KEYS = [f.name for f in dataclasses.fields(Config) if f.name not in ("mode", "out", "device", "log_every", "ckpt_every", "doublings", "seeds")]
 PROMPT = "Question: {question}\nAnswer:\n"
-
-
-def parse_config(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    helps, groups = config_help()
-    sections = {}
-    for f in dataclasses.fields(Config):
-        g = sections.get(groups[f.name]) or sections.setdefault(groups[f.name], ap.add_argument_group(groups[f.name]))
-        text = f"{helps[f.name]} (default: {f.default!r})".replace("%", "%%")
-        if f.type is bool or f.type == "bool":
-            g.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"), default=f.default,
-                           metavar="true|false", help=text)
-        else:  # n_train's default depends on the mode (below)
-            g.add_argument(f"--{f.name}", type=type(f.default), default=None if f.name == "n_train" else f.default,
-                           choices=CHOICES.get(f.name), metavar=type(f.default).__name__.upper() if f.name not in CHOICES
-                           else None, help=text)
-    args = vars(ap.parse_args(argv))
-    if args["n_train"] is None:  # scaling trains SFT on up to 2^doublings n problems, so its n is smaller
-        args["n_train"] = 500 if args["mode"] == "scaling" else 1000 if args["task"] == "arith" else Config.n_train
-    for name in ("eval_k", "n_train", "n_test", "val", "base_steps", "rollouts", "k_samples", "beta", "beta_awr"):
-        if args[name] < 0 or (args[name] == 0 and name in ("rollouts", "k_samples", "beta", "beta_awr")):
-            ap.error(f"--{name} {args[name]}: must be {'positive' if name in ('rollouts', 'k_samples', 'beta', 'beta_awr') else '0 or more'}")
-    for name in ("train", "test"):
-        args[name] = args[name] or f"data/{args['task']}/{name}.jsonl"
-    return Config(**args)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -167,36 +134,6 @@ def parse_config(argv=None):
 NAMES = ["Ava", "Ben", "Cal", "Dan", "Eve", "Fay", "Gus", "Ivy", "Jon", "Kim", "Leo", "Mia", "Ned", "Pam", "Sam",
          "Tom", "Uma", "Zoe"]
 ITEMS = ["apples", "pens", "cards", "books", "coins", "eggs", "shells", "stamps", "marbles", "cookies"]
-
-
-def make_problem(rng):
-    """One GSM8K-style word problem, one computation per solution line.
-    -> {"question": "Mia has 7 pens. Mia buys 5 more. Mia gives away 3. How many pens now?",
-        "answer": "9", "response": "7 + 5 = 12\\n12 - 3 = 9\\nThe answer is 9"}"""
-    name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    value = rng.randint(2, 15)
-    sentences, lines = [f"{name} has {value} {item}."], []
-    for _ in range(rng.randint(2, 3)):
-        divisors = [d for d in (2, 3, 4) if value % d == 0]
-        op = rng.choice([o for o in "+-*/" if (o != "-" or value > 1) and (o != "*" or value <= 15)
-                         and (o != "/" or divisors)])
-        if op == "+":
-            n = rng.randint(1, 15)
-            sentences.append(f"{name} {rng.choice(['buys', 'finds', 'gets'])} {n} more.")
-        elif op == "-":
-            n = rng.randint(1, value - 1)
-            sentences.append(f"{name} {rng.choice(['gives away', 'loses', 'sells'])} {n}.")
-        elif op == "*":
-            n = rng.randint(2, 4)
-            sentences.append(f"{name} {['doubles', 'triples', 'quadruples'][n - 2]} them.")
-        else:
-            n = rng.choice(divisors)
-            sentences.append(f"{name} keeps {['half', 'a third', 'a quarter'][n - 2]} of them.")
-        new = {"+": value + n, "-": value - n, "*": value * n, "/": value // max(n, 1)}[op]
-        lines.append(f"{value} {op} {n} = {new}")
-        value = new
-    sentences.append(f"How many {item} now?")
-    return {"question": " ".join(sentences), "answer": str(value), "response": "\n".join(lines + [f"The answer is {value}"])}
 
 
 def make_chain(rng):
@@ -437,19 +374,6 @@ def load_model(cfg, path):
     if tok.eos_token is None:
         raise ValueError(f"{path}: the tokenizer has no EOS token; stepneg needs one to end complete solutions")
     return model.to(device=device, dtype=dtype), tok
-
-
-def save_model(model, tok, path):
-    model = merge_lora(model)
-    if RANK == 0:
-        tmp = path + ".tmp"
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        if os.path.exists(path):
-            import shutil
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    sync()
 
 
 def encode(tok, prompt, response, complete):
@@ -872,42 +796,16 @@ def train_sft(model, tok, examples, cfg, epochs, lr, desc, ckpt=None, val=None):
             optimizer_step(opt, sched)
             bar.update(1)
             if step % cfg.log_every == 0 or step == steps:
-                row = {"step": step, "epoch": epoch, "loss": round(sum(gather([loss])), 4),
-                       **speed(model, tok_now, train_flops(cfg), time.time() - t0)}
-                st["log"].append(row)
-                bar.set_postfix(loss=row["loss"])
-                tqdm.write(f"  {desc} step {step}/{steps} loss {row['loss']:.4f} {row['tokens_per_s']} tok/s "
-                           f"MFU {row['mfu']:.1%} peak memory {row['peak_gib']} GiB")
+                log_step(st, bar, desc, steps, model, cfg, tok_now, t0, step=step, epoch=epoch,
+                         loss=round(sum(gather([loss])), 4))
             if val and (step % max(1, steps // 16) == 0 or step == steps):
                 keep_best(model, tok, val, cfg, step, st, os.path.dirname(ckpt), desc)
             if ckpt and step % cfg.ckpt_every == 0 and step < steps:
                 save_train_state(ckpt, model, opt, sched, step, st)
     bar.close()
     if val:  # end at the best checkpoint, not the last
-        model.load_state_dict(torch.load(f"{os.path.dirname(ckpt)}/best.pt"))
-        sync()
-        if RANK == 0:
-            os.remove(f"{os.path.dirname(ckpt)}/best.pt")
+        restore_best(model, os.path.dirname(ckpt))
     return {"train_examples": len(data), **st}
-
-
-def keep_best(model, tok, val, cfg, step, st, folder, desc):
-    """--val: greedy accuracy on the held-out problems now; the weights go to folder/best.pt if it is the best so far
-    (the first best on ties). Logged in the stage's done.json as val_log, best_step, best_val."""
-    rng, was_training = torch.get_rng_state(), model.training
-    os.makedirs(f"{folder}/val", exist_ok=True)
-    acc = evaluate(model, tok, val, dataclasses.replace(cfg, eval_k=0), f"{folder}/val/step{step}.jsonl",
-                   f"{desc} validation")["accuracy"]
-    torch.set_rng_state(rng)
-    model.train(was_training)
-    st.setdefault("val_log", []).append({"step": step, "val_acc": acc})
-    if acc > st.get("best_val", -1.0):
-        st["best_val"], st["best_step"] = acc, step
-        if RANK == 0:
-            torch.save(model.state_dict(), f"{folder}/best.pt.tmp")
-            os.replace(f"{folder}/best.pt.tmp", f"{folder}/best.pt")
-        sync()  # under torchrun every rank sees the same accuracy, and the file before it reads it back
-    tqdm.write(f"  {desc} step {step} validation accuracy {acc:.3f} (best {st['best_val']:.3f} at {st['best_step']})")
 
 
 def pair_batches(tok, pairs):
@@ -988,16 +886,10 @@ def train_dpo(model, tok, pairs, cfg, desc, ckpt=None):
             tok_now += sum(len(c[0]) + len(c[1]) + len(r[1]) for c, r in (enc[i] for i in idx))  # what a pair needs
             bar.update(1)
             if step % cfg.log_every == 0 or step == steps:
-                row = {"step": step, "loss": round(sum(gather([loss])), 4), "chosen_reward": round(cr.mean().item(), 4),
-                       "rejected_reward": round(rr.mean().item(), 4),
-                       "pair_acc": round((cr > rr).float().mean().item(), 3),
-                       "pairs_per_s": round(seen / (time.time() - t0), 1),
-                       **speed(model, tok_now, train_flops(cfg), time.time() - t0)}
-                st["log"].append(row)
-                bar.set_postfix(loss=row["loss"])
-                tqdm.write(f"  {desc} step {step}/{steps} loss {row['loss']:.4f} reward chosen {row['chosen_reward']:+.3f}"
-                           f" rejected {row['rejected_reward']:+.3f} pair acc {row['pair_acc']:.2f} "
-                           f"{row['pairs_per_s']} pairs/s {row['tokens_per_s']} tok/s MFU {row['mfu']:.1%}")
+                log_step(st, bar, desc, steps, model, cfg, tok_now, t0, step=step, loss=round(sum(gather([loss])), 4),
+                         chosen_reward=round(cr.mean().item(), 4), rejected_reward=round(rr.mean().item(), 4),
+                         pair_acc=round((cr > rr).float().mean().item(), 3),
+                         pairs_per_s=round(seen / (time.time() - t0), 1))
             if ckpt and step % cfg.ckpt_every == 0 and step < steps:
                 save_train_state(ckpt, model, opt, sched, step, st)
     bar.close()
@@ -1160,14 +1052,14 @@ def run_rft(cfg, train, sft_path, val=None):
     return f"{cfg.out}/rft/model"
 
 
-def run_dpo(cfg, train, sft_path, name, make_pairs):
-    """Outcome or per-step DPO from pi_sft with pi_sft as the frozen reference."""
+def run_dpo(cfg, train, sft_path, name):
+    """Outcome or per-step DPO (name: dpo, per_step, per_step_oracle) from pi_sft, the frozen reference."""
     if not stage_done(cfg, name):
         samples = run_samples(cfg, train, sft_path)
         t0 = time.time()
         os.makedirs(f"{cfg.out}/{name}", exist_ok=True)
         model, tok = load_model(cfg, sft_path)
-        pairs, extra = make_pairs(model, tok, samples)
+        pairs, extra = dpo_pairs(cfg, train, name, model, tok, samples)
         pairs = with_reference_logps(model, tok, pairs, cfg, name)
         write_jsonl(f"{cfg.out}/{name}/pairs.jsonl", pairs)
         if pairs:
@@ -1181,16 +1073,20 @@ def run_dpo(cfg, train, sft_path, name, make_pairs):
     return f"{cfg.out}/{name}/model"
 
 
-def per_step_pair_maker(cfg, train):
-    def make(model, tok, samples):
-        negatives = collect_negatives(train, samples, cfg.max_negatives)
-        Q, wins, acct = step_values(model, tok, train, samples, negatives, cfg, f"{cfg.out}/per_step")
-        pairs = per_step_pairs(train, negatives, Q, wins, cfg)
-        pits = [p["pit"] for p in pairs]
-        return pairs, {**acct, "negatives": len(negatives),
-                       "pit_histogram": {str(c): pits.count(c) for c in sorted(set(pits))},
-                       "pairs_per_1k_rollouts": round(1000 * len(pairs) / max(1, acct["rollouts"]), 1)}
-    return make
+def dpo_pairs(cfg, train, name, model, tok, samples):
+    """The pairs of a DPO stage -> (pairs, figures for its done.json). dpo: whole solutions (outcome_pairs); per_step:
+    rollout credit (step_values, per_step_pairs); per_step_oracle: an embedded task's true pits (oracle_pairs)."""
+    if name == "dpo":
+        return outcome_pairs(train, samples, cfg.rft_cap), {}
+    if name == "per_step_oracle":
+        return oracle_pairs(train, samples, cfg), {}
+    negatives = collect_negatives(train, samples, cfg.max_negatives)
+    Q, wins, acct = step_values(model, tok, train, samples, negatives, cfg, f"{cfg.out}/per_step")
+    pairs = per_step_pairs(train, negatives, Q, wins, cfg)
+    pits = [p["pit"] for p in pairs]
+    return pairs, {**acct, "negatives": len(negatives),
+                   "pit_histogram": {str(c): pits.count(c) for c in sorted(set(pits))},
+                   "pairs_per_1k_rollouts": round(1000 * len(pairs) / max(1, acct["rollouts"]), 1)}
 
 
 def run_awr(cfg, train, sft_path):
@@ -1227,66 +1123,6 @@ def run_eval(cfg, test, name, model_path):
     return result
 
 
-def summary(cfg, names):
-    """The table a run ends with: test accuracy and what each stage cost."""
-    K = f"| pass@{cfg.eval_k} | maj@{cfg.eval_k} " if cfg.eval_k else ""
-    lines = [f"| stage | test acc {K}| unparsable | train examples | pairs | rollouts | stage s | eval s |",
-             "|---|---|---|---|---|---|---|---|" + ("---|---|" if K else "")]
-    samples = stage_done(cfg, "samples") or {}
-    for name in names:
-        st, ev = stage_done(cfg, name) or {}, stage_done(cfg, f"eval_{name}") or {}
-        wall = st.get("wall_s", 0) + (samples.get("wall_s", 0) if name != "sft" else 0)
-        k = "".join(f"| {ev.get(key, float('nan')):.3f} " for key in (f"pass@{cfg.eval_k}", f"maj@{cfg.eval_k}")) if K else ""
-        lines.append(f"| {name} | {ev.get('accuracy', float('nan')):.3f} {k}| {ev.get('unparsable', '-')} | "
-                     f"{st.get('train_examples', '-')} | {st.get('pairs', '-')} | {st.get('rollouts', '-')} | "
-                     f"{wall:.0f} | {ev.get('wall_s', 0):.0f} |")
-    if samples:
-        lines.append(f"\nsamples from pi_sft: {samples['samples']} (accuracy {samples['sample_accuracy']:.3f}, "
-                     f"{samples['wall_s']:.0f} s, counted in every stage that uses them)")
-    ps = stage_done(cfg, "per_step")
-    if ps and "per_step" in names:
-        tps = ps.get("rollout_tokens_per_s")
-        lines.append(f"per-step: {ps['negatives']} negatives, {ps['rollouts']} rollouts, {ps['rollout_tokens']} "
-                     f"rollout tokens ({f'{tps} tokens/s' if tps else 'all reused'}), {ps['pairs_per_1k_rollouts']} pairs "
-                     f"per 1k rollouts, pit positions {ps['pit_histogram']}")
-    text = "\n".join(lines)
-    write_text(f"{cfg.out}/summary.md", text + "\n")
-    return text
-
-
-def worked_example(cfg, train):
-    """Credit assignment on one negative of this run's own data, as a reader wants to see it: the question, the
-    negative's steps, Q-hat of every prefix with its rollout counts, the pit and why, and the pair it became (and, on
-    an embedded task, the true first wrong step). The first pair whose pit is at step 2 or later. -> markdown"""
-    pairs = read_jsonl(f"{cfg.out}/per_step/pairs.jsonl")
-    pair = next((p for p in pairs if p["pit"] >= 2), pairs[0] if pairs else None)
-    if pair is None:
-        return ""
-    prob, M, c = train[pair["pid"]], cfg.rollouts, pair["pit"]
-    neg = next(n for n in collect_negatives(train, read_jsonl(f"{cfg.out}/samples/samples.jsonl"), cfg.max_negatives)
-               if n["nid"] == pair["nid"])
-    steps, q = split_steps(neg["response"], cfg.step_cap), pair["q"]
-    show = lambda t: t.strip().replace("\n", " / ") or "(empty)"  # noqa: E731
-    lines = [f"Question: {prob['question']} (answer {prob['gold']})", "",
-             "| prefix | last step | Q-hat (rollouts reaching the answer) |", "|---|---|---|",
-             f"| x | - | {q[0]:.2f} ({round(q[0] * cfg.k_samples)} of the {cfg.k_samples} samples at x) |"]
-    for i, step in enumerate(steps, 1):
-        value = ("not rolled out: past the pit" if q[i] is None else "0 (the negative's own final answer is wrong)"
-                 if i == len(steps) else f"{q[i]:.2f} ({round(q[i] * M)}/{M})")
-        lines.append(f"| x + y_{'1..y_' * (i > 1)}{i} | {show(step)} | {value} |")
-    why = (f"the first prefix from which no rollout reaches the answer (Q-hat_{c} = 0, Q-hat_{c - 1} = {q[c - 1]:.2f})"
-           if cfg.credit == "first_pit" else f"the largest drop in Q-hat ({q[c - 1]:.2f} -> {q[c]:.2f})")
-    lines += ["", f"Pit: step {c}, {why}."]
-    if toy_chain(prob["question"]):
-        lines.append(f"The task's truth: the first wrong step is step {first_wrong_step(steps, prob['question'])}.")
-    lines += ["", "The pair it became (DPO raises chosen over rejected, after the same prompt):",
-              f"- prompt ends: ...{show(pair['prompt'].split('Answer:')[-1])[-60:] or 'Answer:'}",
-              f"- chosen:   {show(pair['chosen'])}", f"- rejected: {show(pair['rejected'])}"]
-    text = "\n".join(lines)
-    write_text(f"{cfg.out}/per_step/example.md", text + "\n")
-    return text
-
-
 def run_pipeline(cfg, train, test, stages, val=None):
     """pi_sft, then each requested stage from it ("rft", "dpo", "per_step"), every model evaluated on test.
     -> {stage: eval result}"""
@@ -1296,11 +1132,9 @@ def run_pipeline(cfg, train, test, stages, val=None):
     if "rft" in stages:
         results["rft"] = run_eval(cfg, test, "rft", run_rft(cfg, train, sft, val))
     if "dpo" in stages:
-        make = lambda model, tok, samples: (outcome_pairs(train, samples, cfg.rft_cap), {})  # noqa: E731
-        results["dpo"] = run_eval(cfg, test, "dpo", run_dpo(cfg, train, sft, "dpo", make))
+        results["dpo"] = run_eval(cfg, test, "dpo", run_dpo(cfg, train, sft, "dpo"))
     if "per_step" in stages and cfg.loss in ("dpo", "both"):
-        results["per_step"] = run_eval(cfg, test, "per_step",
-                                       run_dpo(cfg, train, sft, "per_step", per_step_pair_maker(cfg, train)))
+        results["per_step"] = run_eval(cfg, test, "per_step", run_dpo(cfg, train, sft, "per_step"))
     if "per_step" in stages and cfg.loss in ("awr", "both"):
         results["per_step_awr"] = run_eval(cfg, test, "per_step_awr", run_awr(cfg, train, sft))
     print("\n" + summary(cfg, list(results)))
@@ -1328,6 +1162,122 @@ def equivalent_size(error, a, b):
     """n' with a + b ln n' = error: the SFT data size the fitted curve says reaches this error; None when SFT does
     not improve with data (b >= 0), where no size is equivalent."""
     return math.exp((error - a) / b) if b < 0 else None
+
+
+def run_scaling(cfg, train, test, val=None):
+    """--mode scaling: per seed, SFT on the first n, 2n, ..., 2^d n problems (nested), RFT / outcome DPO / per-step DPO
+    from the SFT model on the first n, RFT again with per-step's sampling budget (samples + rollouts, counted in
+    generated tokens), and on the toy per-step DPO once more with the true pits (oracle_pairs). Every model on the
+    same test split; the multipliers, budgets and credit checks -> scaling.md, the picture -> scaling.svg."""
+    t0, n = time.time(), cfg.n_train
+    sizes = [n * 2 ** d for d in range(cfg.doublings + 1)]
+    if cfg.loss == "awr":
+        raise SystemExit("error: --mode scaling measures per-step DPO; use --loss dpo, or both for an AWR row beside it")
+    if n < 1 or len(train) < sizes[-1]:
+        raise SystemExit(f"error: {cfg.train}: --mode scaling needs n_train >= 1 and {sizes[-1]} training problems "
+                         f"(n = {n} times 2^{cfg.doublings}); it has {len(train)}")
+    steps = sum(cfg.sft_steps or cfg.sft_epochs * math.ceil(m / cfg.batch_size) for m in sizes)
+    print(f"scaling: {cfg.seeds} seed(s), each SFT on {sizes} problems ({steps} SFT steps), then sampling, rollouts "
+          f"and DPO on the first {n}; SFT is most of the time (README: measured wall times)")
+    rows, credit, chosen = [], [], []
+    for seed in range(cfg.seed, cfg.seed + cfg.seeds):
+        model = run_base(dataclasses.replace(cfg, seed=seed, out=f"{cfg.out}/seed{seed}")).model  # one base a seed
+
+        def sub(name, m, **kw):
+            c = dataclasses.replace(cfg, seed=seed, n_train=m, out=f"{cfg.out}/seed{seed}/{name}", model=model, **kw)
+            check_out_folder(c)
+            return c
+        acc = {}
+        for m in sizes:
+            res = run_pipeline(sub(f"n{m}", m), train[:m], test, ["rft", "dpo", "per_step"] if m == n else [], val)
+            acc.update({f"sft_{m}": res["sft"]["accuracy"]} if m != n else {k: r["accuracy"] for k, r in res.items()})
+        base = sub(f"n{n}", n)
+        smp, ps = stage_done(base, "samples"), stage_done(base, "per_step")
+        k_budget = math.ceil(cfg.k_samples * (smp["sample_tokens"] + ps["rollout_tokens"]) / smp["sample_tokens"])
+        bud = sub("rft_budget", n, k_samples=k_budget, init=f"{base.out}/sft/model")
+        acc["rft_budget"] = run_pipeline(bud, train[:n], test, ["rft"], val)["rft"]["accuracy"]
+        toy = has_toy_truth(train[:n])
+        if toy:  # the same DPO on pairs with the toy's true pits: what perfect credit would give
+            path = run_dpo(base, train[:n], f"{base.out}/sft/model", "per_step_oracle")
+            acc["per_step_oracle"] = run_eval(base, test, "per_step_oracle", path)["accuracy"]
+        a, b = fit_log_curve(sizes, [1 - acc.get(f"sft_{m}", acc["sft"]) for m in sizes])
+        sft_tok = stage_done(base, "sft")["train_tokens"]
+        budget = {"sft": (n, 0, 0, 0, sft_tok),
+                  **{f"sft_{m}": (m, 0, 0, 0, stage_done(sub(f"n{m}", m), "sft")["train_tokens"]) for m in sizes[1:]},
+                  "rft": (n, smp["samples"], 0, smp["sample_tokens"], sft_tok + stage_done(base, "rft")["train_tokens"]),
+                  "rft_budget": (n, n * k_budget, 0, stage_done(bud, "samples")["sample_tokens"],
+                                 sft_tok + stage_done(bud, "rft")["train_tokens"]),
+                  "dpo": (n, smp["samples"], 0, smp["sample_tokens"], sft_tok + stage_done(base, "dpo")["train_tokens"]),
+                  "per_step": (n, smp["samples"], ps["rollouts"], smp["sample_tokens"] + ps["rollout_tokens"],
+                               sft_tok + ps["train_tokens"])}
+        if cfg.loss == "both":  # the same rollouts, trained as advantage-weighted steps
+            budget["per_step_awr"] = (n, smp["samples"], ps["rollouts"], smp["sample_tokens"] + ps["rollout_tokens"],
+                                      sft_tok + stage_done(base, "per_step_awr")["train_tokens"])
+        if toy:
+            budget["per_step_oracle"] = (n, smp["samples"], 0, smp["sample_tokens"],
+                                         sft_tok + stage_done(base, "per_step_oracle")["train_tokens"])
+        for method, (problems, samples, rollouts, sampled, trained) in budget.items():
+            eq = equivalent_size(1 - acc[method], a, b)
+            rows.append({"stage": "scaling", "seed": seed, "method": method, "problems": problems,
+                         "accuracy": acc[method], "sft_equivalent_problems": eq and round(eq),
+                         "multiplier": eq and round(eq / n, 2), "samples": samples, "rollouts": rollouts,
+                         "tokens_sampled": sampled, "tokens_trained": trained, "fit_a": round(a, 4), "fit_b": round(b, 4)})
+        credit.append({"stage": "scaling_credit", "seed": seed, **credit_report(base, train[:n])})
+        if val:  # the steps validation chose, per size: a curve of data, not of steps
+            chosen.append(f"- seed {seed}: best validation step of SFT on " + ", ".join(
+                f"{m}: {stage_done(sub(f'n{m}', m), 'sft')['best_step']}" for m in sizes)
+                + f"; RFT on {n}: {stage_done(base, 'rft')['best_step']}")
+    write_jsonl(f"{cfg.out}/metrics.jsonl", rows + credit, mode="a")
+    text = scaling_table(rows, credit, sizes, time.time() - t0) + "".join("\n" + line for line in chosen)
+    write_text(f"{cfg.out}/scaling.md", text + "\n")
+    write_text(f"{cfg.out}/scaling.svg", scaling_svg(rows, sizes))
+    print("\n" + text + f"\n\npicture: {cfg.out}/scaling.svg")
+    return rows, credit
+
+
+# ===============================================================================================================
+# Machinery: what a reader of the method can skip. The method above calls these by name: the embedded tasks' truth
+# (credit checked against it), processes (torchrun), atomic files, the answer checker's rules, LoRA, the sampler's KV
+# cache and the resumable generation cache, checkpoints, validation and MFU accounting, stage book-keeping, reports
+# (the summary table, the worked example, the scaling table and picture), the command line, the benchmarks.
+# ===============================================================================================================
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The embedded tasks' extras: the first toy's generator (--task arith), and the truth: every step of a toy
+# solution can be checked exactly, so the rollout credit is checked against it (credit_report) and replaced by
+# it (oracle_pairs: the scaling run's perfect credit).
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def make_problem(rng):
+    """One GSM8K-style word problem, one computation per solution line.
+    -> {"question": "Mia has 7 pens. Mia buys 5 more. Mia gives away 3. How many pens now?",
+        "answer": "9", "response": "7 + 5 = 12\\n12 - 3 = 9\\nThe answer is 9"}"""
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    value = rng.randint(2, 15)
+    sentences, lines = [f"{name} has {value} {item}."], []
+    for _ in range(rng.randint(2, 3)):
+        divisors = [d for d in (2, 3, 4) if value % d == 0]
+        op = rng.choice([o for o in "+-*/" if (o != "-" or value > 1) and (o != "*" or value <= 15)
+                         and (o != "/" or divisors)])
+        if op == "+":
+            n = rng.randint(1, 15)
+            sentences.append(f"{name} {rng.choice(['buys', 'finds', 'gets'])} {n} more.")
+        elif op == "-":
+            n = rng.randint(1, value - 1)
+            sentences.append(f"{name} {rng.choice(['gives away', 'loses', 'sells'])} {n}.")
+        elif op == "*":
+            n = rng.randint(2, 4)
+            sentences.append(f"{name} {['doubles', 'triples', 'quadruples'][n - 2]} them.")
+        else:
+            n = rng.choice(divisors)
+            sentences.append(f"{name} keeps {['half', 'a third', 'a quarter'][n - 2]} of them.")
+        new = {"+": value + n, "-": value - n, "*": value * n, "/": value // max(n, 1)}[op]
+        lines.append(f"{value} {op} {n} = {new}")
+        value = new
+    sentences.append(f"How many {item} now?")
+    return {"question": " ".join(sentences), "answer": str(value), "response": "\n".join(lines + [f"The answer is {value}"])}
 
 
 TOY_SENTENCE = re.compile(r"(buys|finds|gets) (\d+) more|(gives away|loses|sells) (\d+)\.|(doubles|triples|quadruples) "
@@ -1473,85 +1423,6 @@ def credit_report(cfg, train):
             "logp_shift_spurious_positives": shift.get("spurious"), "logp_shift_exact_solutions": shift.get("clean")}
 
 
-def run_scaling(cfg, train, test, val=None):
-    """--mode scaling: per seed, SFT on the first n, 2n, ..., 2^d n problems (nested), RFT / outcome DPO / per-step DPO
-    from the SFT model on the first n, RFT again with per-step's sampling budget (samples + rollouts, counted in
-    generated tokens), and on the toy per-step DPO once more with the true pits (oracle_pairs). Every model on the
-    same test split; the multipliers, budgets and credit checks -> scaling.md, the picture -> scaling.svg."""
-    t0, n = time.time(), cfg.n_train
-    sizes = [n * 2 ** d for d in range(cfg.doublings + 1)]
-    if cfg.loss == "awr":
-        raise SystemExit("error: --mode scaling measures per-step DPO; use --loss dpo, or both for an AWR row beside it")
-    if n < 1 or len(train) < sizes[-1]:
-        raise SystemExit(f"error: {cfg.train}: --mode scaling needs n_train >= 1 and {sizes[-1]} training problems "
-                         f"(n = {n} times 2^{cfg.doublings}); it has {len(train)}")
-    steps = sum(cfg.sft_steps or cfg.sft_epochs * math.ceil(m / cfg.batch_size) for m in sizes)
-    print(f"scaling: {cfg.seeds} seed(s), each SFT on {sizes} problems ({steps} SFT steps), then sampling, rollouts "
-          f"and DPO on the first {n}; SFT is most of the time (README: measured wall times)")
-    rows, credit, chosen = [], [], []
-    for seed in range(cfg.seed, cfg.seed + cfg.seeds):
-        model = run_base(dataclasses.replace(cfg, seed=seed, out=f"{cfg.out}/seed{seed}")).model  # one base a seed
-
-        def sub(name, m, **kw):
-            c = dataclasses.replace(cfg, seed=seed, n_train=m, out=f"{cfg.out}/seed{seed}/{name}", model=model, **kw)
-            check_out_folder(c)
-            return c
-        acc = {}
-        for m in sizes:
-            res = run_pipeline(sub(f"n{m}", m), train[:m], test, ["rft", "dpo", "per_step"] if m == n else [], val)
-            acc.update({f"sft_{m}": res["sft"]["accuracy"]} if m != n else {k: r["accuracy"] for k, r in res.items()})
-        base = sub(f"n{n}", n)
-        smp, ps = stage_done(base, "samples"), stage_done(base, "per_step")
-        k_budget = math.ceil(cfg.k_samples * (smp["sample_tokens"] + ps["rollout_tokens"]) / smp["sample_tokens"])
-        bud = sub("rft_budget", n, k_samples=k_budget, init=f"{base.out}/sft/model")
-        acc["rft_budget"] = run_pipeline(bud, train[:n], test, ["rft"], val)["rft"]["accuracy"]
-        toy = has_toy_truth(train[:n])
-        if toy:  # the same DPO on pairs with the toy's true pits: what perfect credit would give
-            make = lambda model, tok, samples: (oracle_pairs(train[:n], samples, base), {})  # noqa: E731
-            path = run_dpo(base, train[:n], f"{base.out}/sft/model", "per_step_oracle", make)
-            acc["per_step_oracle"] = run_eval(base, test, "per_step_oracle", path)["accuracy"]
-        a, b = fit_log_curve(sizes, [1 - acc.get(f"sft_{m}", acc["sft"]) for m in sizes])
-        sft_tok = stage_done(base, "sft")["train_tokens"]
-        budget = {"sft": (n, 0, 0, 0, sft_tok),
-                  **{f"sft_{m}": (m, 0, 0, 0, stage_done(sub(f"n{m}", m), "sft")["train_tokens"]) for m in sizes[1:]},
-                  "rft": (n, smp["samples"], 0, smp["sample_tokens"], sft_tok + stage_done(base, "rft")["train_tokens"]),
-                  "rft_budget": (n, n * k_budget, 0, stage_done(bud, "samples")["sample_tokens"],
-                                 sft_tok + stage_done(bud, "rft")["train_tokens"]),
-                  "dpo": (n, smp["samples"], 0, smp["sample_tokens"], sft_tok + stage_done(base, "dpo")["train_tokens"]),
-                  "per_step": (n, smp["samples"], ps["rollouts"], smp["sample_tokens"] + ps["rollout_tokens"],
-                               sft_tok + ps["train_tokens"])}
-        if cfg.loss == "both":  # the same rollouts, trained as advantage-weighted steps
-            budget["per_step_awr"] = (n, smp["samples"], ps["rollouts"], smp["sample_tokens"] + ps["rollout_tokens"],
-                                      sft_tok + stage_done(base, "per_step_awr")["train_tokens"])
-        if toy:
-            budget["per_step_oracle"] = (n, smp["samples"], 0, smp["sample_tokens"],
-                                         sft_tok + stage_done(base, "per_step_oracle")["train_tokens"])
-        for method, (problems, samples, rollouts, sampled, trained) in budget.items():
-            eq = equivalent_size(1 - acc[method], a, b)
-            rows.append({"stage": "scaling", "seed": seed, "method": method, "problems": problems,
-                         "accuracy": acc[method], "sft_equivalent_problems": eq and round(eq),
-                         "multiplier": eq and round(eq / n, 2), "samples": samples, "rollouts": rollouts,
-                         "tokens_sampled": sampled, "tokens_trained": trained, "fit_a": round(a, 4), "fit_b": round(b, 4)})
-        credit.append({"stage": "scaling_credit", "seed": seed, **credit_report(base, train[:n])})
-        if val:  # the steps validation chose, per size: a curve of data, not of steps
-            chosen.append(f"- seed {seed}: best validation step of SFT on " + ", ".join(
-                f"{m}: {stage_done(sub(f'n{m}', m), 'sft')['best_step']}" for m in sizes)
-                + f"; RFT on {n}: {stage_done(base, 'rft')['best_step']}")
-    write_jsonl(f"{cfg.out}/metrics.jsonl", rows + credit, mode="a")
-    text = scaling_table(rows, credit, sizes, time.time() - t0) + "".join("\n" + line for line in chosen)
-    write_text(f"{cfg.out}/scaling.md", text + "\n")
-    write_text(f"{cfg.out}/scaling.svg", scaling_svg(rows, sizes))
-    print("\n" + text + f"\n\npicture: {cfg.out}/scaling.svg")
-    return rows, credit
-
-
-# ===============================================================================================================
-# Machinery: what a reader of the method can skip. The method above calls these by name: processes (torchrun),
-# atomic files, the answer checker's rules, LoRA, the sampler's KV cache and the resumable generation cache,
-# checkpoints and MFU accounting, stage book-keeping, the scaling report's table and picture, the benchmarks.
-# ===============================================================================================================
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Processes: one, or one per GPU (or CPU process) under torchrun, data parallel with torch's own engine.
 # ---------------------------------------------------------------------------------------------------------------
@@ -1639,6 +1510,19 @@ def numbered_jsonl(path, tolerant=False):
 
 def read_jsonl(path, tolerant=False):
     return [row for _, row in numbered_jsonl(path, tolerant)]
+
+
+def save_model(model, tok, path):
+    model = merge_lora(model)
+    if RANK == 0:
+        tmp = path + ".tmp"
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if os.path.exists(path):
+            import shutil
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    sync()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -2285,25 +2169,47 @@ def branched_logps(model, tok, enc_pairs, cfg, device):
     return logps[0], logps[1]
 
 
+def log_step(st, bar, desc, steps, model, cfg, tokens, t0, **row):
+    """A training loop's log line: the row (step, loss, ...) plus tokens/s, MFU and peak memory, appended to the stage's
+    log (done.json), its loss shown on the progress bar, the line printed."""
+    row = {**row, **speed(model, tokens, train_flops(cfg), time.time() - t0)}
+    st["log"].append(row)
+    bar.set_postfix(loss=row["loss"])
+    shown = [f"{v} {k[:-6]}/s" if k.endswith("_per_s") else f"MFU {v:.1%}" if k == "mfu" else f"{k.replace('_', ' ')} {v}"
+             for k, v in row.items() if k not in ("step", "epoch", "peak_gib")]
+    tqdm.write(f"  {desc} step {row['step']}/{steps} {' '.join(shown)} peak memory {row['peak_gib']} GiB")
+
+
+def restore_best(model, folder):
+    """--val: the weights of the best validation step (keep_best's folder/best.pt) back into the model; file removed."""
+    model.load_state_dict(torch.load(f"{folder}/best.pt"))
+    sync()
+    if RANK == 0:
+        os.remove(f"{folder}/best.pt")
+
+
+def keep_best(model, tok, val, cfg, step, st, folder, desc):
+    """--val: greedy accuracy on the held-out problems now; the weights go to folder/best.pt if it is the best so far
+    (the first best on ties). Logged in the stage's done.json as val_log, best_step, best_val."""
+    rng, was_training = torch.get_rng_state(), model.training
+    os.makedirs(f"{folder}/val", exist_ok=True)
+    acc = evaluate(model, tok, val, dataclasses.replace(cfg, eval_k=0), f"{folder}/val/step{step}.jsonl",
+                   f"{desc} validation")["accuracy"]
+    torch.set_rng_state(rng)
+    model.train(was_training)
+    st.setdefault("val_log", []).append({"step": step, "val_acc": acc})
+    if acc > st.get("best_val", -1.0):
+        st["best_val"], st["best_step"] = acc, step
+        if RANK == 0:
+            torch.save(model.state_dict(), f"{folder}/best.pt.tmp")
+            os.replace(f"{folder}/best.pt.tmp", f"{folder}/best.pt")
+        sync()  # under torchrun every rank sees the same accuracy, and the file before it reads it back
+    tqdm.write(f"  {desc} step {step} validation accuracy {acc:.3f} (best {st['best_val']:.3f} at {st['best_step']})")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Stage book-keeping: a finished stage is reused after a check of its files; a redone one makes later ones stale.
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def config_help():
-    """{field: its comment in the Config block}, and the group headers before each field: the block above is the one
-    source of what every flag means, for the reader of the file and for --help alike."""
-    import inspect
-    helps, groups, group, last = {}, {}, "", None
-    for line in inspect.getsource(Config).splitlines()[2:]:
-        m = re.match(r"\s{4}(\w+): \w+ = .*?(?:#\s*(.*))?$", line)
-        if m:
-            last, helps[m[1]], groups[m[1]] = m[1], (m[2] or "").strip(), group
-        elif re.match(r"\s{4}#", line):
-            group = line.strip("# ").strip()
-        elif re.match(r"\s+#", line) and last:  # a comment's continuation line
-            helps[last] += " " + line.strip("# ").strip()
-    return helps, groups
 
 
 def stage_done(cfg, name):
@@ -2367,8 +2273,12 @@ def check_out_folder(cfg):
     write_text(path, json.dumps(mine, indent=1))
 
 
+# Settings that change what a stage computes: an output folder made with other values is refused, not mixed.
+RESULT_KEYS = [f.name for f in dataclasses.fields(Config) if f.name not in ("mode", "out", "device", "log_every", "ckpt_every", "doublings", "seeds")]
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# Reports: the scaling table and its picture (scaling.md, scaling.svg).
+# Reports: a run's summary table and worked example; the scaling table and its picture (scaling.md, scaling.svg).
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -2462,6 +2372,118 @@ def scaling_svg(rows, sizes):
         out += [f'<circle cx="{W - right + 14}" cy="{top + 10 + 18 * i}" r="5" fill="{colour}"/>',
                 f'<text x="{W - right + 24}" y="{top + 14 + 18 * i}">{label}</text>']
     return "\n".join(out + ["</svg>"]) + "\n"
+
+
+def summary(cfg, names):
+    """The table a run ends with: test accuracy and what each stage cost."""
+    K = f"| pass@{cfg.eval_k} | maj@{cfg.eval_k} " if cfg.eval_k else ""
+    lines = [f"| stage | test acc {K}| unparsable | train examples | pairs | rollouts | stage s | eval s |",
+             "|---|---|---|---|---|---|---|---|" + ("---|---|" if K else "")]
+    samples = stage_done(cfg, "samples") or {}
+    for name in names:
+        st, ev = stage_done(cfg, name) or {}, stage_done(cfg, f"eval_{name}") or {}
+        wall = st.get("wall_s", 0) + (samples.get("wall_s", 0) if name != "sft" else 0)
+        k = "".join(f"| {ev.get(key, float('nan')):.3f} " for key in (f"pass@{cfg.eval_k}", f"maj@{cfg.eval_k}")) if K else ""
+        lines.append(f"| {name} | {ev.get('accuracy', float('nan')):.3f} {k}| {ev.get('unparsable', '-')} | "
+                     f"{st.get('train_examples', '-')} | {st.get('pairs', '-')} | {st.get('rollouts', '-')} | "
+                     f"{wall:.0f} | {ev.get('wall_s', 0):.0f} |")
+    if samples:
+        lines.append(f"\nsamples from pi_sft: {samples['samples']} (accuracy {samples['sample_accuracy']:.3f}, "
+                     f"{samples['wall_s']:.0f} s, counted in every stage that uses them)")
+    ps = stage_done(cfg, "per_step")
+    if ps and "per_step" in names:
+        tps = ps.get("rollout_tokens_per_s")
+        lines.append(f"per-step: {ps['negatives']} negatives, {ps['rollouts']} rollouts, {ps['rollout_tokens']} "
+                     f"rollout tokens ({f'{tps} tokens/s' if tps else 'all reused'}), {ps['pairs_per_1k_rollouts']} pairs "
+                     f"per 1k rollouts, pit positions {ps['pit_histogram']}")
+    text = "\n".join(lines)
+    write_text(f"{cfg.out}/summary.md", text + "\n")
+    return text
+
+
+def worked_example(cfg, train):
+    """Credit assignment on one negative of this run's own data, as a reader wants to see it: the question, the
+    negative's steps, Q-hat of every prefix with its rollout counts, the pit and why, and the pair it became (and, on
+    an embedded task, the true first wrong step). The first pair whose pit is at step 2 or later. -> markdown"""
+    pairs = read_jsonl(f"{cfg.out}/per_step/pairs.jsonl")
+    pair = next((p for p in pairs if p["pit"] >= 2), pairs[0] if pairs else None)
+    if pair is None:
+        return ""
+    prob, M, c = train[pair["pid"]], cfg.rollouts, pair["pit"]
+    neg = next(n for n in collect_negatives(train, read_jsonl(f"{cfg.out}/samples/samples.jsonl"), cfg.max_negatives)
+               if n["nid"] == pair["nid"])
+    steps, q = split_steps(neg["response"], cfg.step_cap), pair["q"]
+    show = lambda t: t.strip().replace("\n", " / ") or "(empty)"  # noqa: E731
+    lines = [f"Question: {prob['question']} (answer {prob['gold']})", "",
+             "| prefix | last step | Q-hat (rollouts reaching the answer) |", "|---|---|---|",
+             f"| x | - | {q[0]:.2f} ({round(q[0] * cfg.k_samples)} of the {cfg.k_samples} samples at x) |"]
+    for i, step in enumerate(steps, 1):
+        value = ("not rolled out: past the pit" if q[i] is None else "0 (the negative's own final answer is wrong)"
+                 if i == len(steps) else f"{q[i]:.2f} ({round(q[i] * M)}/{M})")
+        lines.append(f"| x + y_{'1..y_' * (i > 1)}{i} | {show(step)} | {value} |")
+    why = (f"the first prefix from which no rollout reaches the answer (Q-hat_{c} = 0, Q-hat_{c - 1} = {q[c - 1]:.2f})"
+           if cfg.credit == "first_pit" else f"the largest drop in Q-hat ({q[c - 1]:.2f} -> {q[c]:.2f})")
+    lines += ["", f"Pit: step {c}, {why}."]
+    if toy_chain(prob["question"]):
+        lines.append(f"The task's truth: the first wrong step is step {first_wrong_step(steps, prob['question'])}.")
+    lines += ["", "The pair it became (DPO raises chosen over rejected, after the same prompt):",
+              f"- prompt ends: ...{show(pair['prompt'].split('Answer:')[-1])[-60:] or 'Answer:'}",
+              f"- chosen:   {show(pair['chosen'])}", f"- rejected: {show(pair['rejected'])}"]
+    text = "\n".join(lines)
+    write_text(f"{cfg.out}/per_step/example.md", text + "\n")
+    return text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The command line: one flag per Config field, its help text read from the field's comment.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+CHOICES = {"mode": ("make_data", "synth", "sft", "rft", "dpo", "per_step", "eval", "all", "scaling", "bench_rollouts",
+                    "bench_dpo", "bench_shapes"),
+           "device": ("auto", "cpu", "cuda"), "credit": ("first_pit", "min_advantage"), "pair_form": ("step", "full"),
+           "loss": ("dpo", "awr", "both"), "task": ("bigstep", "arith")}
+
+
+def parse_config(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    helps, groups = config_help()
+    sections = {}
+    for f in dataclasses.fields(Config):
+        g = sections.get(groups[f.name]) or sections.setdefault(groups[f.name], ap.add_argument_group(groups[f.name]))
+        text = f"{helps[f.name]} (default: {f.default!r})".replace("%", "%%")
+        if f.type is bool or f.type == "bool":
+            g.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"), default=f.default,
+                           metavar="true|false", help=text)
+        else:  # n_train's default depends on the mode (below)
+            g.add_argument(f"--{f.name}", type=type(f.default), default=None if f.name == "n_train" else f.default,
+                           choices=CHOICES.get(f.name), metavar=type(f.default).__name__.upper() if f.name not in CHOICES
+                           else None, help=text)
+    args = vars(ap.parse_args(argv))
+    if args["n_train"] is None:  # scaling trains SFT on up to 2^doublings n problems, so its n is smaller
+        args["n_train"] = 500 if args["mode"] == "scaling" else 1000 if args["task"] == "arith" else Config.n_train
+    for name in ("eval_k", "n_train", "n_test", "val", "base_steps", "rollouts", "k_samples", "beta", "beta_awr"):
+        if args[name] < 0 or (args[name] == 0 and name in ("rollouts", "k_samples", "beta", "beta_awr")):
+            ap.error(f"--{name} {args[name]}: must be {'positive' if name in ('rollouts', 'k_samples', 'beta', 'beta_awr') else '0 or more'}")
+    for name in ("train", "test"):
+        args[name] = args[name] or f"data/{args['task']}/{name}.jsonl"
+    return Config(**args)
+
+
+def config_help():
+    """{field: its comment in the Config block}, and the group headers before each field: the block above is the one
+    source of what every flag means, for the reader of the file and for --help alike."""
+    import inspect
+    helps, groups, group, last = {}, {}, "", None
+    for line in inspect.getsource(Config).splitlines()[2:]:
+        m = re.match(r"\s{4}(\w+): \w+ = .*?(?:#\s*(.*))?$", line)
+        if m:
+            last, helps[m[1]], groups[m[1]] = m[1], (m[2] or "").strip(), group
+        elif re.match(r"\s{4}#", line):
+            group = line.strip("# ").strip()
+        elif re.match(r"\s+#", line) and last:  # a comment's continuation line
+            helps[last] += " " + line.strip("# ").strip()
+    return helps, groups
 
 
 # ---------------------------------------------------------------------------------------------------------------
