@@ -701,36 +701,9 @@ def awr_loss(logps, weights, n_rows=None):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Training loops: plain PyTorch, AdamW, linear warmup and decay.
+# Training loops: plain PyTorch; AdamW with linear warmup and decay, gradients clipped to norm 1 (make_optimizer and
+# optimizer_step, with bf16's fp32 masters, after the method).
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def make_optimizer(model, lr, total_steps, betas=(0.9, 0.95)):
-    """AdamW with linear warmup and decay. A weight narrower than fp32 (bf16 on CUDA) is stepped through an fp32
-    master copy, as mixed-precision training does: bf16 keeps 8 bits of mantissa, so an update under ~1/256 of a
-    weight rounds away (lr 1e-6, 200 steps of a steady gradient: plain AdamW on bf16 weights lost 99% of the
-    movement an fp32 run made; through masters, one rounding's worth; tested). opt.masters holds the (weight, fp32
-    copy) pairs; optimizer_step keeps them in step. Costs 4 bytes a weight, and fp32 moments 8."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    masters = [p if p.dtype == torch.float32 else p.detach().float() for p in params]
-    opt = torch.optim.AdamW(masters, lr=lr, weight_decay=0.0, betas=betas)
-    opt.masters = [(p, m) for p, m in zip(params, masters) if m is not p]
-    warm = max(1, total_steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warm, max(0.0, (total_steps - s) / max(1, total_steps - warm))))
-    return opt, sched
-
-
-def optimizer_step(opt, sched):
-    """Clip the gradient norm to 1, take the AdamW step, zero the gradients. bf16 weights hand their gradients to
-    their fp32 masters first and take the masters' new values after (rounded once, not accumulated in bf16)."""
-    for p, m in opt.masters:
-        m.grad, p.grad = (None if p.grad is None else p.grad.float()), None
-    torch.nn.utils.clip_grad_norm_([m for g in opt.param_groups for m in g["params"]], 1.0)
-    opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
-    with torch.no_grad():
-        for p, m in opt.masters:
-            p.copy_(m)
 
 
 def epoch_batches(rng, lengths, cfg):
@@ -2039,7 +2012,8 @@ def cached_generate(model, tok, rows, cfg, path, seed, desc, temperature=None):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Training machinery: checkpoints that resume exactly, memory estimates, tokens/s and MFU, a non-finite stop.
+# Training machinery: the optimizer (AdamW, fp32 masters), checkpoints that resume exactly, --val's best
+# checkpoint, memory estimates, tokens/s and MFU, a non-finite stop.
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -2205,6 +2179,34 @@ def keep_best(model, tok, val, cfg, step, st, folder, desc):
             os.replace(f"{folder}/best.pt.tmp", f"{folder}/best.pt")
         sync()  # under torchrun every rank sees the same accuracy, and the file before it reads it back
     tqdm.write(f"  {desc} step {step} validation accuracy {acc:.3f} (best {st['best_val']:.3f} at {st['best_step']})")
+
+
+def make_optimizer(model, lr, total_steps, betas=(0.9, 0.95)):
+    """AdamW with linear warmup and decay. A weight narrower than fp32 (bf16 on CUDA) is stepped through an fp32
+    master copy, as mixed-precision training does: bf16 keeps 8 bits of mantissa, so an update under ~1/256 of a
+    weight rounds away (lr 1e-6, 200 steps of a steady gradient: plain AdamW on bf16 weights lost 99% of the
+    movement an fp32 run made; through masters, one rounding's worth; tested). opt.masters holds the (weight, fp32
+    copy) pairs; optimizer_step keeps them in step. Costs 4 bytes a weight, and fp32 moments 8."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    masters = [p if p.dtype == torch.float32 else p.detach().float() for p in params]
+    opt = torch.optim.AdamW(masters, lr=lr, weight_decay=0.0, betas=betas)
+    opt.masters = [(p, m) for p, m in zip(params, masters) if m is not p]
+    warm = max(1, total_steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, max(0.0, (total_steps - s) / max(1, total_steps - warm))))
+    return opt, sched
+
+
+def optimizer_step(opt, sched):
+    """Clip the gradient norm to 1, take the AdamW step, zero the gradients. bf16 weights hand their gradients to
+    their fp32 masters first and take the masters' new values after (rounded once, not accumulated in bf16)."""
+    for p, m in opt.masters:
+        m.grad, p.grad = (None if p.grad is None else p.grad.float()), None
+    torch.nn.utils.clip_grad_norm_([m for g in opt.param_groups for m in g["params"]], 1.0)
+    opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for p, m in opt.masters:
+            p.copy_(m)
 
 
 # ---------------------------------------------------------------------------------------------------------------
