@@ -69,7 +69,7 @@ class Config:
     device: str = "auto"         # cuda when there is one
     seed: int = 0                # every random choice (init, shuffles, sampling) follows it
     n_train: int = 2000          # training problems used by every stage (D_syn size n); 0 = all; --task arith: 1000;
-                                 # --mode scaling: 500
+                                 # --mode scaling: 960 (8 x 960 and --val 300 fit the 8,000 shipped; arith: 500)
     n_test: int = 0              # test problems evaluated; 0 = all
     eval_k: int = 0              # > 0: also K samples per test problem at --temperature: pass@K and maj@K
     max_len: int = 256           # tokens per prompt+response; longer examples are truncated (and counted)
@@ -83,7 +83,8 @@ class Config:
     sft_epochs: int = 16         # passes over D_syn (and, for RFT, over D_syn plus the kept samples)
     sft_steps: int = 0           # > 0: every SFT and RFT run takes exactly this many optimizer steps, whatever its size
     val: int = 0                 # > 0: hold out the last VAL problems of --train; SFT and RFT evaluate on them 16 times
-                                 # a run and keep their best checkpoint (a curve of data, not of steps)
+                                 # a run and keep their best checkpoint (a curve of data, not of steps); --mode
+                                 # scaling on bigstep: 300
     lr: float = 3e-3             # tiny model from scratch; use ~1e-5 for a pretrained 7B
     batch_size: int = 32         # examples (or pairs) per optimizer step, in every training loop
     micro_batch: int = 0         # > 0: run each batch in pieces this big, accumulating gradients (same update)
@@ -121,7 +122,7 @@ class Config:
     ckpt_every: int = 100        # training steps between resumable checkpoints (model, optimizer, data position)
     # --mode scaling: SFT on n, 2n, ..., 2^doublings n problems; every method on n; seeds seed .. seed+seeds-1
     doublings: int = 3           # SFT sizes n .. 2^doublings n
-    seeds: int = 2               # seeds per scaling run, each a full repeat
+    seeds: int = 3               # seeds per scaling run, each a full repeat
 
 
 PROMPT = "Question: {question}\nAnswer:\n"
@@ -160,12 +161,14 @@ def apply_op(value, op, n):
 
 
 def chain_text(start, ops, rng=None, merge=0.0):
-    """The solution, one operation a line; with probability `merge`, a run of two +/- operations is written as one
-    line ("32 - 13 + 31 = 50"): the bigstep teacher's steps, bigger than the learner can take."""
+    """The solution, one operation a line; with probability `merge`, a run of two or three +/- operations is written
+    as one line ("32 - 13 + 31 = 50"): the bigstep teacher's steps, bigger than the learner can take."""
     value, lines, i = start, [], 0
     while i < len(ops):
-        two_sums = ops[i][0] in "+-" and i + 1 < len(ops) and ops[i + 1][0] in "+-"
-        k = 2 if two_sums and rng and rng.random() < merge else 1
+        run = 0  # the +/- operations from here on, up to three
+        while run < 3 and i + run < len(ops) and ops[i + run][0] in "+-":
+            run += 1
+        k = run if run >= 2 and rng and rng.random() < merge else 1
         new = value
         for op, n in ops[i:i + k]:
             new = apply_op(new, op, n)
@@ -175,34 +178,38 @@ def chain_text(start, ops, rng=None, merge=0.0):
 
 
 def make_bigstep_problem(rng):
-    """The default task: a word problem whose D_syn solution comes from a teacher that merges half of its +/- runs.
-    -> {"question": "Pam has 32 cards. Pam gives away 13. Pam gets 31 more. Pam buys 36 more. How many cards now?",
-        "answer": "86", "response": "32 - 13 + 31 = 50\n50 + 36 = 86\nThe answer is 86"}"""
+    """The default task: a word problem whose D_syn solution comes from a teacher that writes half of its runs of +/-
+    operations (up to three) as one line.
+    -> {"question": "Kim has 35 eggs. Kim sells 12. Kim gets 32 more. Kim buys 33 more. Kim gives away 4. How many
+        eggs now?", "answer": "84", "response": "35 - 12 = 23\\n23 + 32 + 33 - 4 = 84\\nThe answer is 84"}"""
     start, ops, value = make_chain(rng)
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    sentences = [f"{name} has {start} {item}."]
-    for op, n in ops:
-        if op == "+":
-            sentences.append(f"{name} {rng.choice(['buys', 'finds', 'gets'])} {n} more.")
-        elif op == "-":
-            sentences.append(f"{name} {rng.choice(['gives away', 'loses', 'sells'])} {n}.")
-        elif op == "*":
-            sentences.append(f"{name} {['doubles', 'triples'][n - 2]} them.")
-        else:
-            sentences.append(f"{name} keeps {['half', 'a third'][n - 2]} of them.")
+    sentences = [f"{name} has {start} {item}."] + [f"{name} {op_phrase(rng, op, n)}." for op, n in ops]
     return {"question": " ".join(sentences + [f"How many {item} now?"]), "answer": str(value),
             "response": chain_text(start, ops, rng, merge=0.5)}
 
 
+def op_phrase(rng, op, n):
+    """One operation in the task's words: ("+", 31) -> "gets 31 more", ("-", 13) -> "gives away 13", ("*", 2) ->
+    "doubles them", ("/", 3) -> "keeps a third of them"."""
+    if op == "+":
+        return f"{rng.choice(['buys', 'finds', 'gets'])} {n} more"
+    if op == "-":
+        return f"{rng.choice(['gives away', 'loses', 'sells'])} {n}"
+    return f"{['doubles', 'triples'][n - 2]} them" if op == "*" else f"keeps {['half', 'a third'][n - 2]} of them"
+
+
 def base_corpus(seed, n):
-    """What the bigstep learner is pretrained on: the task's arithmetic written out as a list of operations, solved
-    one operation a line, chained, ending in the answer line -- the primitive skills, never a word problem to read.
-    -> [{"question": "Compute 32, - 13, + 31, * 2.", "response": "32 - 13 = 19\n19 + 31 = 50\n50 * 2 = 100\n..."}]"""
+    """What the bigstep learner is pretrained on: lists of the task's operations, half of the lists written in symbols
+    and half in the task's phrases, solved one operation a line, chained, ending in the answer line -- the primitive skills (the
+    arithmetic, and what each phrase asks for), never a word problem: no one has anything, nothing is asked.
+    -> [{"question": "Compute 32, - 13, + 31, * 2." or "Compute 32, loses 13, finds 31 more, doubles them.",
+         "response": "32 - 13 = 19\n19 + 31 = 50\n50 * 2 = 100\nThe answer is 100"}]"""
     rng, rows = random.Random(seed), []
     for _ in range(n):
         start, ops, _ = make_chain(rng)
-        rows.append({"question": f"Compute {start}, " + ", ".join(f"{op} {k}" for op, k in ops) + ".",
-                     "response": chain_text(start, ops)})
+        words = [op_phrase(rng, op, k) for op, k in ops] if rng.random() < 0.5 else [f"{op} {k}" for op, k in ops]
+        rows.append({"question": f"Compute {start}, " + ", ".join(words) + ".", "response": chain_text(start, ops)})
     return rows
 
 
@@ -950,9 +957,9 @@ def run_synth(cfg, train):
 
 def run_base(cfg):
     """The pretrained base every method starts from (--task bigstep with --model tiny), as the paper's methods all start
-    from one pretrained LLM: the tiny model trained for --base_steps on fresh chains of the task's arithmetic, one
-    operation a line, each seen once (base_corpus) -- the primitive skills, never a word problem. Cached in
-    out/base. -> cfg with --model pointing at it (unchanged for any other task or model)."""
+    from one pretrained LLM: the tiny model trained for --base_steps on fresh lists of the task's operations, in
+    symbols or in the task's phrases, solved one operation a line, each seen once (base_corpus) -- the primitive
+    skills, never a word problem. Cached in out/base. -> cfg with --model pointing at it (unchanged for any other task or model)."""
     if cfg.task != "bigstep" or cfg.model != "tiny" or not cfg.base_steps:
         return cfg
     path = f"{cfg.out}/base/model"
@@ -2458,12 +2465,15 @@ def parse_config(argv=None):
             g.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"), default=f.default,
                            metavar="true|false", help=text)
         else:  # n_train's default depends on the mode (below)
-            g.add_argument(f"--{f.name}", type=type(f.default), default=None if f.name == "n_train" else f.default,
+            g.add_argument(f"--{f.name}", type=type(f.default), default=None if f.name in ("n_train", "val") else f.default,
                            choices=CHOICES.get(f.name), metavar=type(f.default).__name__.upper() if f.name not in CHOICES
                            else None, help=text)
     args = vars(ap.parse_args(argv))
-    if args["n_train"] is None:  # scaling trains SFT on up to 2^doublings n problems, so its n is smaller
-        args["n_train"] = 500 if args["mode"] == "scaling" else 1000 if args["task"] == "arith" else Config.n_train
+    scaling = args["mode"] == "scaling"  # it trains SFT on up to 2^doublings n problems, so its n is smaller
+    if args["n_train"] is None:
+        args["n_train"] = {"arith": 500 if scaling else 1000, "bigstep": 960 if scaling else Config.n_train}[args["task"]]
+    if args["val"] is None:  # scaling trains every SFT and RFT to its best on held-out problems
+        args["val"] = 300 if scaling and args["task"] == "bigstep" else 0
     for name in ("eval_k", "n_train", "n_test", "val", "base_steps", "rollouts", "k_samples", "beta", "beta_awr"):
         if args[name] < 0 or (args[name] == 0 and name in ("rollouts", "k_samples", "beta", "beta_awr")):
             ap.error(f"--{name} {args[name]}: must be {'positive' if name in ('rollouts', 'k_samples', 'beta', 'beta_awr') else '0 or more'}")

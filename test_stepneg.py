@@ -283,11 +283,14 @@ def test_bigstep_answers_cannot_be_guessed_and_its_teacher_takes_big_steps():
     assert last <= 0.02                                                              # the question's last number
     assert all(sn.first_wrong_step(sn.split_steps(p["response"]), p["question"]) is None for p in train)
     lines = [line for p in train for line in p["response"].split("\n")[:-1]]
-    merged = sum(len(re.findall(r" [-+*/] ", line)) == 2 for line in lines) / len(lines)
-    assert 0.12 < merged < 0.2 and all(len(re.findall(r" [-+*/] ", line)) <= 2 for line in lines)
+    ops = collections.Counter(len(re.findall(r" [-+*/] ", line)) for line in lines)
+    assert 0.06 < ops[2] / len(lines) < 0.1 and 0.06 < ops[3] / len(lines) < 0.1 and max(ops) == 3  # 2- and 3-op lines
     base = sn.base_corpus(0, 2000)
+    story = set(sn.NAMES + sn.ITEMS + ["has", "How", "many", "now?"])
     assert all(e["question"].startswith("Compute ") and sn.toy_chain(e["question"]) is None
-               and not set(e["question"].split()) & set(sn.TOY_WORDS) for e in base)  # never a word problem
+               and not set(e["question"].split()) & story for e in base)  # never a word problem: nobody has anything
+    in_words = sum(bool(re.search(r"[a-z]", e["question"][8:])) for e in base) / len(base)
+    assert 0.45 < in_words < 0.55                                                    # half the lists in the task's phrases
     assert all(sn.TOY_STEP.fullmatch(line) and len(re.findall(r" [-+*/] ", line)) == 1
                for e in base for line in e["response"].split("\n")[:-1])             # one operation a line
 
@@ -452,7 +455,8 @@ def test_defaults_depend_on_the_mode_and_task():
     cfg = sn.parse_config(["--task", "arith"])
     assert (cfg.n_train, cfg.train, cfg.test) == (1000, "data/arith/train.jsonl", "data/arith/test.jsonl")
     assert sn.parse_config(["--task", "arith", "--train", "x.jsonl"]).train == "x.jsonl"
-    assert sn.parse_config(["--mode", "scaling"]).n_train == 500
+    assert (sn.parse_config(["--mode", "scaling"]).n_train, sn.parse_config(["--mode", "scaling"]).val) == (960, 300)
+    assert (sn.parse_config(["--mode", "scaling", "--task", "arith"]).n_train, sn.parse_config([]).val) == (500, 0)
     assert sn.parse_config(["--mode", "scaling", "--n_train", "64"]).n_train == 64
 
 
