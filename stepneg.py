@@ -201,8 +201,8 @@ def op_phrase(rng, op, n):
 
 def base_corpus(seed, n):
     """What the bigstep learner is pretrained on: lists of the task's operations, half of the lists written in symbols
-    and half in the task's phrases, solved one operation a line, chained, ending in the answer line -- the primitive skills (the
-    arithmetic, and what each phrase asks for), never a word problem: no one has anything, nothing is asked.
+    and half in the task's phrases, solved one operation a line, chained, ending in the answer line -- the primitive
+    skills (the arithmetic, and what each phrase asks for), never a word problem: nobody has anything, nothing is asked.
     -> [{"question": "Compute 32, - 13, + 31, * 2." or "Compute 32, loses 13, finds 31 more, doubles them.",
          "response": "32 - 13 = 19\n19 + 31 = 50\n50 * 2 = 100\nThe answer is 100"}]"""
     rng, rows = random.Random(seed), []
@@ -959,7 +959,8 @@ def run_base(cfg):
     """The pretrained base every method starts from (--task bigstep with --model tiny), as the paper's methods all start
     from one pretrained LLM: the tiny model trained for --base_steps on fresh lists of the task's operations, in
     symbols or in the task's phrases, solved one operation a line, each seen once (base_corpus) -- the primitive
-    skills, never a word problem. Cached in out/base. -> cfg with --model pointing at it (unchanged for any other task or model)."""
+    skills, never a word problem. Cached in out/base.
+    -> cfg with --model pointing at it (unchanged for any other task or model)."""
     if cfg.task != "bigstep" or cfg.model != "tiny" or not cfg.base_steps:
         return cfg
     path = f"{cfg.out}/base/model"
