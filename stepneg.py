@@ -178,15 +178,15 @@ def chain_text(start, ops, rng=None, merge=0.0):
 
 
 def make_bigstep_problem(rng):
-    """The default task: a word problem whose D_syn solution comes from a teacher that writes three in four of its runs
-    of +/- operations (up to three) as one line.
+    """The default task: a word problem whose D_syn solution comes from a teacher that writes half of its runs of +/-
+    operations (up to three) as one line.
     -> {"question": "Kim has 35 eggs. Kim sells 12. Kim gets 32 more. Kim buys 33 more. Kim gives away 4. How many
-        eggs now?", "answer": "84", "response": "35 - 12 + 32 + 33 = 88\\n88 - 4 = 84\\nThe answer is 84"}"""
+        eggs now?", "answer": "84", "response": "35 - 12 = 23\\n23 + 32 + 33 - 4 = 84\\nThe answer is 84"}"""
     start, ops, value = make_chain(rng)
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     sentences = [f"{name} has {start} {item}."] + [f"{name} {op_phrase(rng, op, n)}." for op, n in ops]
     return {"question": " ".join(sentences + [f"How many {item} now?"]), "answer": str(value),
-            "response": chain_text(start, ops, rng, merge=0.75)}
+            "response": chain_text(start, ops, rng, merge=0.5)}
 
 
 def op_phrase(rng, op, n):
@@ -1161,8 +1161,8 @@ def run_scaling(cfg, train, test, val=None):
     print(f"scaling: {cfg.seeds} seed(s), each SFT on {sizes} problems ({steps} SFT steps), then sampling, rollouts "
           f"and DPO on the first {n}; SFT is most of the time (README: measured wall times)")
     rows, credit, chosen = [], [], []
-    model = run_base(cfg).model  # one base for every seed and size, as the paper's methods start from one LLM
     for seed in range(cfg.seed, cfg.seed + cfg.seeds):
+        model = run_base(dataclasses.replace(cfg, seed=seed, out=f"{cfg.out}/seed{seed}")).model  # one base a seed
 
         def sub(name, m, **kw):
             c = dataclasses.replace(cfg, seed=seed, n_train=m, out=f"{cfg.out}/seed{seed}/{name}", model=model, **kw)

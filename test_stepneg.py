@@ -284,7 +284,7 @@ def test_bigstep_answers_cannot_be_guessed_and_its_teacher_takes_big_steps():
     assert all(sn.first_wrong_step(sn.split_steps(p["response"]), p["question"]) is None for p in train)
     lines = [line for p in train for line in p["response"].split("\n")[:-1]]
     ops = collections.Counter(len(re.findall(r" [-+*/] ", line)) for line in lines)
-    assert 0.09 < ops[2] / len(lines) < 0.14 and 0.09 < ops[3] / len(lines) < 0.14 and max(ops) == 3  # 2- and 3-op lines
+    assert 0.06 < ops[2] / len(lines) < 0.1 and 0.06 < ops[3] / len(lines) < 0.1 and max(ops) == 3  # 2- and 3-op lines
     base = sn.base_corpus(0, 2000)
     story = set(sn.NAMES + sn.ITEMS + ["has", "How", "many", "now?"])
     assert all(e["question"].startswith("Compute ") and sn.toy_chain(e["question"]) is None
@@ -902,11 +902,6 @@ def test_bigstep_learner_starts_from_one_cached_base(tmp_path, monkeypatch):
     assert all(torch.equal(v, sn.load_model(sn.Config(), base)[0].state_dict()[k]) for k, v in first.items())
     sn.main(MINI + ["--mode", "sft", "--out", str(tmp_path / "arith")])
     assert not os.path.exists(tmp_path / "arith" / "base")  # the first toy learns from scratch, as before
-    trained.clear()
-    sn.main(big[:-1] + [str(tmp_path / "scaling"), "--mode", "scaling", "--n_train", "4", "--doublings", "1",
-                        "--seeds", "2", "--val", "0", "--sft_steps", "2"])
-    assert [d for d, _, _ in trained].count("base") == 1 and os.path.exists(tmp_path / "scaling" / "base" / "model")
-    assert not any(os.path.exists(tmp_path / "scaling" / f"seed{s}" / "base") for s in (0, 1))  # one base, all seeds
 
 
 def test_val_keeps_the_best_checkpoint_on_held_out_problems(tmp_path, monkeypatch):
