@@ -79,6 +79,8 @@ class Config:
     n_heads: int = 4             # attention heads
     base_steps: int = 1000       # --task bigstep: optimizer steps pretraining the tiny model on the task's arithmetic
                                  # (stage "base", shared by every method); 0 = start from random weights
+    base_seed: int = 0           # the base's init, corpus and order: one base for every --seed, as the paper's seeds
+                                 # all start from one pretrained LLM (README: "One base for every seed")
     # SFT (and RFT, which reuses the SFT loop)
     sft_epochs: int = 16         # passes over D_syn (and, for RFT, over D_syn plus the kept samples)
     sft_steps: int = 0           # > 0: every SFT and RFT run takes exactly this many optimizer steps, whatever its size
@@ -959,17 +961,17 @@ def run_base(cfg):
     """The pretrained base every method starts from (--task bigstep with --model tiny), as the paper's methods all start
     from one pretrained LLM: the tiny model trained for --base_steps on fresh lists of the task's operations, in
     symbols or in the task's phrases, solved one operation a line, each seen once (base_corpus) -- the primitive
-    skills, never a word problem. Cached in out/base.
-    -> cfg with --model pointing at it (unchanged for any other task or model)."""
+    skills, never a word problem. It follows --base_seed, not --seed: every seed starts from the same base. Cached in
+    out/base. -> cfg with --model pointing at it (unchanged for any other task or model)."""
     if cfg.task != "bigstep" or cfg.model != "tiny" or not cfg.base_steps:
         return cfg
     path = f"{cfg.out}/base/model"
     if not stage_done(cfg, "base"):
         t0 = time.time()
-        model, tok = load_model(cfg, "tiny")
+        bc = dataclasses.replace(cfg, seed=cfg.base_seed, sft_steps=cfg.base_steps)
+        model, tok = load_model(bc, "tiny")
         os.makedirs(f"{cfg.out}/base", exist_ok=True)
-        res = train_sft(model, tok, base_corpus(cfg.seed, cfg.base_steps * cfg.batch_size),
-                        dataclasses.replace(cfg, sft_steps=cfg.base_steps), 1, cfg.lr, "base",
+        res = train_sft(model, tok, base_corpus(bc.seed, cfg.base_steps * cfg.batch_size), bc, 1, cfg.lr, "base",
                         f"{cfg.out}/base/train_state.pt")
         save_model(model, tok, path)
         finish_stage(cfg, "base", {**res, "wall_s": round(time.time() - t0, 1)})
@@ -1161,8 +1163,8 @@ def run_scaling(cfg, train, test, val=None):
     print(f"scaling: {cfg.seeds} seed(s), each SFT on {sizes} problems ({steps} SFT steps), then sampling, rollouts "
           f"and DPO on the first {n}; SFT is most of the time (README: measured wall times)")
     rows, credit, chosen = [], [], []
+    model = run_base(cfg).model  # one base for every seed (--base_seed)
     for seed in range(cfg.seed, cfg.seed + cfg.seeds):
-        model = run_base(dataclasses.replace(cfg, seed=seed, out=f"{cfg.out}/seed{seed}")).model  # one base a seed
 
         def sub(name, m, **kw):
             c = dataclasses.replace(cfg, seed=seed, n_train=m, out=f"{cfg.out}/seed{seed}/{name}", model=model, **kw)

@@ -902,6 +902,18 @@ def test_bigstep_learner_starts_from_one_cached_base(tmp_path, monkeypatch):
     assert all(torch.equal(v, sn.load_model(sn.Config(), base)[0].state_dict()[k]) for k, v in first.items())
     sn.main(MINI + ["--mode", "sft", "--out", str(tmp_path / "arith")])
     assert not os.path.exists(tmp_path / "arith" / "base")  # the first toy learns from scratch, as before
+    seed1 = big[:-1] + [str(tmp_path / "seed1"), "--seed", "1", "--mode", "sft"]
+    sn.main(seed1)  # another seed: its own SFT, the same base (--base_seed), as every seed starts from one LLM
+    other = sn.load_model(sn.Config(), f"{tmp_path}/seed1/base/model")[0].state_dict()
+    assert all(torch.equal(v, other[k]) for k, v in first.items())
+    sn.main(seed1[:-2] + ["--base_seed", "1", "--out", str(tmp_path / "base1"), "--mode", "sft"])
+    other = sn.load_model(sn.Config(), f"{tmp_path}/base1/base/model")[0].state_dict()
+    assert not all(torch.equal(v, other[k]) for k, v in first.items())  # the flag is what decides it
+    trained.clear()
+    sn.main(big[:-1] + [str(tmp_path / "scaling"), "--mode", "scaling", "--n_train", "4", "--doublings", "1",
+                        "--seeds", "2", "--val", "0", "--sft_steps", "2"])
+    assert [d for d, _, _ in trained].count("base") == 1 and os.path.exists(tmp_path / "scaling" / "base" / "model")
+    assert not any(os.path.exists(tmp_path / "scaling" / f"seed{s}" / "base") for s in (0, 1))  # one base, all seeds
 
 
 def test_val_keeps_the_best_checkpoint_on_held_out_problems(tmp_path, monkeypatch):
