@@ -1165,7 +1165,6 @@ def run_scaling(cfg, train, test, val=None):
     rows, credit, chosen = [], [], []
     model = run_base(cfg).model  # one base for every seed (--base_seed)
     for seed in range(cfg.seed, cfg.seed + cfg.seeds):
-
         def sub(name, m, **kw):
             c = dataclasses.replace(cfg, seed=seed, n_train=m, out=f"{cfg.out}/seed{seed}/{name}", model=model, **kw)
             check_out_folder(c)
