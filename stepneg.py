@@ -82,7 +82,8 @@ class Config:
     base_seed: int = 0           # the base's init, corpus and order: one base for every --seed, as the paper's seeds
                                  # all start from one pretrained LLM (README: "One base for every seed")
     # SFT (and RFT, which reuses the SFT loop)
-    sft_epochs: int = 16         # passes over D_syn (and, for RFT, over D_syn plus the kept samples)
+    sft_epochs: int = 16         # passes over D_syn (and, for RFT, over D_syn plus the kept samples); --mode scaling
+                                 # with --val: 12 (validation picks the checkpoint; README: "The multiplier")
     sft_steps: int = 0           # > 0: every SFT and RFT run takes exactly this many optimizer steps, whatever its size
     val: int = 0                 # > 0: hold out the last VAL problems of --train; SFT and RFT evaluate on them 16 times
                                  # a run and keep their best checkpoint (a curve of data, not of steps); --mode
@@ -2466,8 +2467,9 @@ def parse_config(argv=None):
         if f.type is bool or f.type == "bool":
             g.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"), default=f.default,
                            metavar="true|false", help=text)
-        else:  # n_train's default depends on the mode (below)
-            g.add_argument(f"--{f.name}", type=type(f.default), default=None if f.name in ("n_train", "val") else f.default,
+        else:  # these three defaults depend on the mode (below)
+            late = f.name in ("n_train", "val", "sft_epochs")
+            g.add_argument(f"--{f.name}", type=type(f.default), default=None if late else f.default,
                            choices=CHOICES.get(f.name), metavar=type(f.default).__name__.upper() if f.name not in CHOICES
                            else None, help=text)
     args = vars(ap.parse_args(argv))
@@ -2476,6 +2478,8 @@ def parse_config(argv=None):
         args["n_train"] = {"arith": 500 if scaling else 1000, "bigstep": 960 if scaling else Config.n_train}[args["task"]]
     if args["val"] is None:  # scaling trains every SFT and RFT to its best on held-out problems
         args["val"] = 300 if scaling and args["task"] == "bigstep" else 0
+    if args["sft_epochs"] is None:  # its best checkpoints at 8n fell by epoch 12 of 16; 12 fit the run in an hour
+        args["sft_epochs"] = 12 if scaling and args["val"] else Config.sft_epochs
     for name in ("eval_k", "n_train", "n_test", "val", "base_steps", "rollouts", "k_samples", "beta", "beta_awr"):
         if args[name] < 0 or (args[name] == 0 and name in ("rollouts", "k_samples", "beta", "beta_awr")):
             ap.error(f"--{name} {args[name]}: must be {'positive' if name in ('rollouts', 'k_samples', 'beta', 'beta_awr') else '0 or more'}")

@@ -458,6 +458,9 @@ def test_defaults_depend_on_the_mode_and_task():
     assert (sn.parse_config(["--mode", "scaling"]).n_train, sn.parse_config(["--mode", "scaling"]).val) == (960, 300)
     assert (sn.parse_config(["--mode", "scaling", "--task", "arith"]).n_train, sn.parse_config([]).val) == (500, 0)
     assert sn.parse_config(["--mode", "scaling", "--n_train", "64"]).n_train == 64
+    # scaling picks each SFT's checkpoint on --val, so it trains 12 epochs; without validation, or elsewhere, 16
+    assert [sn.parse_config(a).sft_epochs for a in (["--mode", "scaling"], ["--mode", "scaling", "--val", "0"], [],
+            ["--mode", "scaling", "--task", "arith"], ["--mode", "scaling", "--sft_epochs", "5"])] == [12, 16, 16, 16, 5]
 
 
 def test_sampling_batches_keep_to_the_token_budget():
