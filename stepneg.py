@@ -77,7 +77,7 @@ class Config:
     d_model: int = 128           # width
     n_layers: int = 4            # transformer blocks
     n_heads: int = 4             # attention heads
-    base_steps: int = 1000       # --task bigstep: optimizer steps pretraining the tiny model on the task's arithmetic
+    base_steps: int = 2000       # --task bigstep: optimizer steps pretraining the tiny model on the task's arithmetic
                                  # (stage "base", shared by every method); 0 = start from random weights
     base_seed: int = 0           # the base's init, corpus and order: one base for every --seed, as the paper's seeds
                                  # all start from one pretrained LLM (README: "One base for every seed")
@@ -181,15 +181,15 @@ def chain_text(start, ops, rng=None, merge=0.0):
 
 
 def make_bigstep_problem(rng):
-    """The default task: a word problem whose D_syn solution comes from a teacher that writes half of its runs of +/-
-    operations (up to three) as one line.
+    """The default task: a word problem whose D_syn solution comes from a teacher that writes three in four of its runs
+    of +/- operations (up to three) as one line.
     -> {"question": "Kim has 35 eggs. Kim sells 12. Kim gets 32 more. Kim buys 33 more. Kim gives away 4. How many
         eggs now?", "answer": "84", "response": "35 - 12 = 23\\n23 + 32 + 33 - 4 = 84\\nThe answer is 84"}"""
     start, ops, value = make_chain(rng)
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     sentences = [f"{name} has {start} {item}."] + [f"{name} {op_phrase(rng, op, n)}." for op, n in ops]
     return {"question": " ".join(sentences + [f"How many {item} now?"]), "answer": str(value),
-            "response": chain_text(start, ops, rng, merge=0.5)}
+            "response": chain_text(start, ops, rng, merge=0.75)}
 
 
 def op_phrase(rng, op, n):

@@ -284,7 +284,7 @@ def test_bigstep_answers_cannot_be_guessed_and_its_teacher_takes_big_steps():
     assert all(sn.first_wrong_step(sn.split_steps(p["response"]), p["question"]) is None for p in train)
     lines = [line for p in train for line in p["response"].split("\n")[:-1]]
     ops = collections.Counter(len(re.findall(r" [-+*/] ", line)) for line in lines)
-    assert 0.06 < ops[2] / len(lines) < 0.1 and 0.06 < ops[3] / len(lines) < 0.1 and max(ops) == 3  # 2- and 3-op lines
+    assert 0.1 < ops[2] / len(lines) < 0.13 and 0.1 < ops[3] / len(lines) < 0.13 and max(ops) == 3  # 2- and 3-op lines
     base = sn.base_corpus(0, 2000)
     story = set(sn.NAMES + sn.ITEMS + ["has", "How", "many", "now?"])
     assert all(e["question"].startswith("Compute ") and sn.toy_chain(e["question"]) is None
