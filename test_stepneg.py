@@ -7,7 +7,7 @@ import os
 import re
 import time
 
-os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the suite checks CPU semantics (fp32, bit-identical resumes), also on a GPU box
+os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the suite checks CPU semantics (fp32, resumes equal to float noise), also on a GPU box
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -1165,7 +1165,7 @@ sn.cli(sys.argv[3:])
 '''
 
 
-def test_sigkilled_run_resumes_to_identical_pairs_weights_and_metrics(tmp_path):
+def test_sigkilled_run_resumes_to_the_same_pairs_weights_and_metrics(tmp_path):
     """One miniature per-step run killed four times (mid-SFT training, mid-sampling, mid-rollouts, mid-DPO
     training) and stopped once by SIGTERM, each time restarted with the same command, against one uninterrupted
     run."""
@@ -1196,12 +1196,19 @@ def test_sigkilled_run_resumes_to_identical_pairs_weights_and_metrics(tmp_path):
             assert term.returncode == 130 and "Resume with the same command" in term.stderr
             assert f"--out {cut}" in term.stderr.splitlines()[-1]
     assert run(cut).returncode == 0
-    for f in ["samples/samples.jsonl", "per_step/pairs.jsonl"]:
-        assert open(f"{whole}/{f}", "rb").read() == open(f"{cut}/{f}", "rb").read(), f
-    assert sn.read_jsonl(f"{whole}/per_step/pairs.jsonl")
+    assert open(f"{whole}/samples/samples.jsonl", "rb").read() == open(f"{cut}/samples/samples.jsonl", "rb").read()
+    # Equal up to float noise, not bitwise: MKL's CPU matmuls may round the last bit differently from one process to
+    # the next (CI once saw one reference log-prob of 12 differ by one ulp, 4e-6). A real resume fault (a lost or
+    # repeated optimizer step, reference log-probs from the wrong weights) moves weights by ~lr and log-probs by far
+    # more than these bounds.
+    ref = ["ref_chosen_logps", "ref_rejected_logps"]
+    pa, pb = sn.read_jsonl(f"{whole}/per_step/pairs.jsonl"), sn.read_jsonl(f"{cut}/per_step/pairs.jsonl")
+    assert pa and [{k: v for k, v in p.items() if k not in ref} for p in pa] == \
+        [{k: v for k, v in p.items() if k not in ref} for p in pb]
+    assert all(abs(p[k] - q[k]) < 1e-4 for p, q in zip(pa, pb) for k in ref)
     for m in ["sft", "per_step"]:
         a, b = load_file(f"{whole}/{m}/model/model.safetensors"), load_file(f"{cut}/{m}/model/model.safetensors")
-        assert all(torch.equal(a[k], b[k]) for k in a), m
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a), m
     for name in ["eval_sft", "eval_per_step"]:
         assert sn.stage_done(sn.Config(out=whole), name)["accuracy"] == sn.stage_done(sn.Config(out=cut), name)["accuracy"]
 
