@@ -84,6 +84,8 @@ class Config:
     # SFT (and RFT, which reuses the SFT loop)
     sft_epochs: int = 16         # passes over D_syn (and, for RFT, over D_syn plus the kept samples); --mode scaling
                                  # with --val: 12 (validation picks the checkpoint; README: "The multiplier")
+    size_epochs: str = ""        # --mode scaling: SFT epochs per size, n first ("12,12,24,16"); empty: --sft_epochs
+                                 # for every size. bigstep with --val: 12,12,24,16, each size's measured plateau
     sft_steps: int = 0           # > 0: every SFT and RFT run takes exactly this many optimizer steps, whatever its size
     val: int = 0                 # > 0: hold out the last VAL problems of --train; SFT and RFT evaluate on them 16 times
                                  # a run and keep their best checkpoint (a curve of data, not of steps); --mode
@@ -1160,14 +1162,17 @@ def run_scaling(cfg, train, test, val=None):
     if n < 1 or len(train) < sizes[-1]:
         raise SystemExit(f"error: {cfg.train}: --mode scaling needs n_train >= 1 and {sizes[-1]} training problems "
                          f"(n = {n} times 2^{cfg.doublings}); it has {len(train)}")
-    steps = sum(cfg.sft_steps or cfg.sft_epochs * math.ceil(m / cfg.batch_size) for m in sizes)
+    epochs = dict(zip(sizes, map(int, cfg.size_epochs.split(",")))) if cfg.size_epochs else {}
+    size_steps = {m: cfg.sft_steps or epochs.get(m, cfg.sft_epochs) * math.ceil(m / cfg.batch_size) for m in sizes}
+    steps = sum(size_steps.values())
     print(f"scaling: {cfg.seeds} seed(s), each SFT on {sizes} problems ({steps} SFT steps), then sampling, rollouts "
           f"and DPO on the first {n}; SFT is most of the time (README: measured wall times)")
     rows, credit, chosen = [], [], []
     model = run_base(cfg).model  # one base for every seed (--base_seed)
     for seed in range(cfg.seed, cfg.seed + cfg.seeds):
-        def sub(name, m, **kw):
-            c = dataclasses.replace(cfg, seed=seed, n_train=m, out=f"{cfg.out}/seed{seed}/{name}", model=model, **kw)
+        def sub(name, m, **kw):  # RFT and the DPOs on n train with n's epochs
+            c = dataclasses.replace(cfg, seed=seed, n_train=m, out=f"{cfg.out}/seed{seed}/{name}", model=model,
+                                    **{"sft_epochs": epochs.get(m, cfg.sft_epochs), **kw})
             check_out_folder(c)
             return c
         acc = {}
@@ -1208,7 +1213,7 @@ def run_scaling(cfg, train, test, val=None):
         credit.append({"stage": "scaling_credit", "seed": seed, **credit_report(base, train[:n])})
         if val:  # the steps validation chose, per size: a curve of data, not of steps
             chosen.append(f"- seed {seed}: best validation step of SFT on " + ", ".join(
-                f"{m}: {stage_done(sub(f'n{m}', m), 'sft')['best_step']}" for m in sizes)
+                f"{m}: {stage_done(sub(f'n{m}', m), 'sft')['best_step']} of {size_steps[m]}" for m in sizes)
                 + f"; RFT on {n}: {stage_done(base, 'rft')['best_step']}")
     write_jsonl(f"{cfg.out}/metrics.jsonl", rows + credit, mode="a")
     text = scaling_table(rows, credit, sizes, time.time() - t0) + "".join("\n" + line for line in chosen)
@@ -2286,7 +2291,8 @@ def check_out_folder(cfg):
 
 
 # Settings that change what a stage computes: an output folder made with other values is refused, not mixed.
-RESULT_KEYS = [f.name for f in dataclasses.fields(Config) if f.name not in ("mode", "out", "device", "log_every", "ckpt_every", "doublings", "seeds")]
+RESULT_KEYS = [f.name for f in dataclasses.fields(Config) if f.name not in ("mode", "out", "device", "log_every", "ckpt_every", "doublings", "seeds",
+                                                                   "size_epochs")]  # each size's run holds its epochs
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -2478,8 +2484,16 @@ def parse_config(argv=None):
         args["n_train"] = {"arith": 500 if scaling else 1000, "bigstep": 960 if scaling else Config.n_train}[args["task"]]
     if args["val"] is None:  # scaling trains every SFT and RFT to its best on held-out problems
         args["val"] = 300 if scaling and args["task"] == "bigstep" else 0
-    if args["sft_epochs"] is None:  # 12 fit the run in an hour; 4n and 8n still gain after (README)
-        args["sft_epochs"] = 12 if scaling and args["val"] else Config.sft_epochs
+    if args["sft_epochs"] is None and scaling and args["val"]:  # validation picks each size's checkpoint; n and 2n
+        args["sft_epochs"] = 12                                     # stop gaining by 12 epochs, 4n and 8n later (README)
+        if args["task"] == "bigstep" and args["doublings"] == 3 and not args["size_epochs"]:
+            args["size_epochs"] = "12,12,24,16"
+    if args["sft_epochs"] is None:
+        args["sft_epochs"] = Config.sft_epochs
+    if args["size_epochs"] and (not re.fullmatch(r"\d+(,\d+)*", args["size_epochs"])
+                                or len(args["size_epochs"].split(",")) != args["doublings"] + 1):
+        ap.error(f"--size_epochs {args['size_epochs']}: one whole number of epochs per size, n first, "
+                 f"{args['doublings'] + 1} in all (--doublings {args['doublings']})")
     for name in ("eval_k", "n_train", "n_test", "val", "base_steps", "rollouts", "k_samples", "beta", "beta_awr"):
         if args[name] < 0 or (args[name] == 0 and name in ("rollouts", "k_samples", "beta", "beta_awr")):
             ap.error(f"--{name} {args[name]}: must be {'positive' if name in ('rollouts', 'k_samples', 'beta', 'beta_awr') else '0 or more'}")

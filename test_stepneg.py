@@ -461,6 +461,13 @@ def test_defaults_depend_on_the_mode_and_task():
     # scaling picks each SFT's checkpoint on --val, so it trains 12 epochs; without validation, or elsewhere, 16
     assert [sn.parse_config(a).sft_epochs for a in (["--mode", "scaling"], ["--mode", "scaling", "--val", "0"], [],
             ["--mode", "scaling", "--task", "arith"], ["--mode", "scaling", "--sft_epochs", "5"])] == [12, 16, 16, 16, 5]
+    # ... and 4n and 8n longer, on the default task only; an explicit --sft_epochs or other --doublings: one for all
+    assert [sn.parse_config(a).size_epochs for a in (["--mode", "scaling"], ["--mode", "scaling", "--sft_epochs", "5"],
+            ["--mode", "scaling", "--doublings", "2"], ["--mode", "scaling", "--task", "arith"], [])] == \
+        ["12,12,24,16", "", "", "", ""]
+    for bad in ("12,12", "12,x,24,16", "12,,24,16"):
+        with pytest.raises(SystemExit):
+            sn.parse_config(["--mode", "scaling", "--size_epochs", bad])
 
 
 def test_sampling_batches_keep_to_the_token_budget():
@@ -946,7 +953,7 @@ def test_val_keeps_the_best_checkpoint_on_held_out_problems(tmp_path, monkeypatc
                         not in a[-1] else {"accuracy": next(scores)})  # all 0.0 from here on: the first step is best
     sn.main(MINI + ["--mode", "scaling", "--n_train", "4", "--doublings", "1", "--seeds", "1", "--val", "3",
                     "--sft_steps", "2", "--out", out + "3"])
-    assert "- seed 0: best validation step of SFT on 4: 1, 8: 1; RFT on 4: 1" in open(out + "3/scaling.md").read()
+    assert "- seed 0: best validation step of SFT on 4: 1 of 2, 8: 1 of 2; RFT on 4: 1" in open(out + "3/scaling.md").read()
 
 
 def test_scripted_policy_run_builds_pairs_and_trains(tmp_path, monkeypatch):
@@ -1080,6 +1087,12 @@ def test_scaling_mode_reports_the_multipliers_of_synthetic_curves(tmp_path, monk
     steps = [sn.stage_done(sn.Config(out=f"{out}/seed0/{d}"), s)["log"][-1]["step"]
              for d, s in [("n4", "sft"), ("n16", "sft"), ("n4", "rft"), ("rft_budget", "rft")]]
     assert steps == [2, 2, 2, 2]  # compute-matched: every SFT and RFT the same number of optimizer steps
+    # --size_epochs: each size its own epochs (RFT and the DPOs on n take n's), the chosen steps reported against them
+    out2 = str(tmp_path / "epochs")
+    sn.run_scaling(dataclasses.replace(cfg, out=out2, seeds=1, sft_steps=0, size_epochs="1,3,2"), train, test)
+    trained = {d: sn.stage_done(sn.Config(out=f"{out2}/seed0/{d}"), "sft")["log"][-1]["step"] for d in ("n4", "n8", "n16")}
+    assert trained == {"n4": 1, "n8": 3, "n16": 4}  # batch 8: 1, 1 and 2 steps an epoch
+    assert [json.load(open(f"{out2}/seed0/{d}/config.json"))["sft_epochs"] for d in ("n4", "rft_budget")] == [1, 1]
 
 
 def test_first_wrong_step_is_the_toy_truth():
@@ -1469,7 +1482,7 @@ def test_cached_rows_are_redone_for_another_seed_or_length(tmp_path):
 
 
 # Every setting that changes what a stage computes must be refused against a folder made with another value.
-NOT_RESULTS = {"mode", "out", "device", "log_every", "ckpt_every", "doublings", "seeds"}
+NOT_RESULTS = {"mode", "out", "device", "log_every", "ckpt_every", "doublings", "seeds", "size_epochs"}
 
 
 def test_every_result_setting_is_checked_against_an_existing_folder(tmp_path):
