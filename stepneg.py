@@ -36,8 +36,10 @@ import os
 import random
 import re
 import shlex
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from fractions import Fraction
@@ -128,7 +130,8 @@ class Config:
     ckpt_every: int = 100        # training steps between resumable checkpoints (model, optimizer, data position)
     # --mode scaling: SFT on n, 2n, ..., 2^doublings n problems; every method on n; seeds seed .. seed+seeds-1
     doublings: int = 3           # SFT sizes n .. 2^doublings n
-    seeds: int = 3               # seeds per scaling run, each a full repeat
+    seeds: int = 1               # run every seed from --seed to --seed + seeds - 1, each a full repeat from one base, in
+                                 # OUT/seed<S>/, and print one table over them (seeds.md); --mode scaling: 3
 
 
 PROMPT = "Question: {question}\nAnswer:\n"
@@ -380,8 +383,17 @@ def load_model(cfg, path):
                          tie_word_embeddings=True)
         model = LlamaForCausalLM(mc)
     else:
-        tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        try:
+            tok = AutoTokenizer.from_pretrained(path)
+            model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
+        except Exception as e:
+            if not os.path.isdir(path):
+                raise
+            e = f"{type(e).__name__}: " + next((line for line in str(e).splitlines() if line.strip()), "")[:200]
+            raise SystemExit(f"error: {path}: not a loadable model folder ({e})" + hint_rebuild(path)) from None
+        if info["missing_keys"]:  # transformers would start these from random weights, with only a warning
+            raise SystemExit(f"error: {path}: its weights lack {len(info['missing_keys'])} of the model's tensors "
+                             f"({sorted(info['missing_keys'])[0]}, ...)" + hint_rebuild(path))
     if tok.pad_token is None:  # many base models ship without one; padding is always masked, so EOS serves
         tok.pad_token = tok.eos_token
     if tok.eos_token is None:
@@ -961,14 +973,17 @@ def run_synth(cfg, train):
     return kept
 
 
-def run_base(cfg):
+def run_base(cfg, shipped=True):
     """The pretrained base every method starts from (--task bigstep with --model tiny), as the paper's methods all start
     from one pretrained LLM: the tiny model trained for --base_steps on fresh lists of the task's operations, in
     symbols or in the task's phrases, solved one operation a line, each seen once (base_corpus) -- the primitive
-    skills, never a word problem. It follows --base_seed, not --seed: every seed starts from the same base. Cached in
-    out/base. -> cfg with --model pointing at it (unchanged for any other task or model)."""
+    skills, never a word problem. It follows --base_seed, not --seed: every seed starts from the same base. With the
+    shipped settings it is data: data/bigstep/base (--mode make_data writes it), checked, not trained; other settings
+    (--d_model, --base_steps, ...) train one of their own in out/base. -> cfg with --model pointing at it."""
     if cfg.task != "bigstep" or cfg.model != "tiny" or not cfg.base_steps:
         return cfg
+    if shipped and shipped_base_fits(cfg):
+        return dataclasses.replace(cfg, model=SHIPPED_BASE)
     path = f"{cfg.out}/base/model"
     if not stage_done(cfg, "base"):
         t0 = time.time()
@@ -1127,6 +1142,22 @@ def run_pipeline(cfg, train, test, stages, val=None):
     print("\n" + summary(cfg, list(results)))
     if "per_step" in results:
         print("\nOne negative, step by step (per_step/example.md):\n" + worked_example(cfg, train))
+    return results
+
+
+def run_seeds(cfg, train, test, stages, val=None):
+    """--seeds N (N > 1) on sft, rft, dpo, per_step or all: the run once per seed, each in OUT/seed<S>/ from one base
+    (the data and the base are all the seeds share), then one table over them (seeds.md, seeds_table): what an
+    ablation is judged by, since one seed's noise is about as large as the effects worth finding. -> {seed: results}"""
+    model = run_base(cfg).model
+    runs, results = {}, {}
+    for seed in range(cfg.seed, cfg.seed + cfg.seeds):
+        runs[seed] = dataclasses.replace(cfg, seed=seed, out=f"{cfg.out}/seed{seed}", model=model)
+        check_out_folder(runs[seed])
+        results[seed] = run_pipeline(runs[seed], train, test, stages, val)
+    text = seeds_table(runs)
+    write_text(f"{cfg.out}/seeds.md", text + "\n")
+    print(f"\n{text}\n\n(also in {cfg.out}/seeds.md)")
     return results
 
 
@@ -1508,7 +1539,6 @@ def save_model(model, tok, path):
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         if os.path.exists(path):
-            import shutil
             shutil.rmtree(path)
         os.replace(tmp, path)
     sync()
@@ -1538,12 +1568,17 @@ def _normalize(s):
                  ("\\mathrm{", "\\text{"), ("\\textbf{", "\\text{"), ("\\mbox{", "\\text{"), ("\\textnormal{", "\\text{"),
                  ("\\cfrac", "\\frac"), ("\\dbinom", "\\binom"), ("\\tbinom", "\\binom"), ("{,}", ","),
                  ("\\leq", "<="), ("\\geq", ">="), ("\\le", "<="), ("\\ge", ">="), ("\\lt", "<"), ("\\gt", ">"),
-                 ("\\neq", "!="), ("\\ne", "!="), ("\\lbrace", "\\{"), ("\\rbrace", "\\}"), ("\\mp", "\\pm")]:
+                 ("\\neq", "!="), ("\\ne", "!="), ("\\lbrace", "\\{"), ("\\rbrace", "\\}"), ("\\mp", "\\pm"),
+                 ("±", "\\pm"), ("+/-", "\\pm")]:
         s = s.replace(a, b)
+    # a unit in \text after a value, at the end or before a list's comma: "\frac{2}{5}\text{ kg}" -> "\frac{2}{5}"
+    s = re.sub(r"(?<=[\d}).])\s*\\text\{\s*[a-zA-Z][a-zA-Z. ]*\}(\^\{?\d\}?)?(?=\s*(?:,|\\\}|$))", "", s)
     s = re.sub(r"\\text\{\s*([^{}]*)\}", r" \1", s).strip()
     s = re.sub(r"^(-?[\d.]+)\s*(\\times|\\cdot)\s*10\^\{?(-?\d+)\}?$", r"\1e\3", s)  # "1.5 \times 10^{3}" -> "1.5e3"
     s = re.sub(r"\s*(degrees?|percent|dollars?|units?|cents?)\s*$", "", s)
     s = re.sub(r"\\(frac|sqrt)\s*(\w)(\w)?", lambda m: f"\\{m[1]}{{{m[2]}}}" + (f"{{{m[3]}}}" if m[3] else ""), s)
+    s = re.sub(r"\\frac(\{(?:[^{}]|\{[^{}]*\})*\})\s*(\w)", r"\\frac\1{\2}", s)    # "\frac{270}7" -> "\frac{270}{7}" (MATH writes it)
+    s = re.sub(r"\\frac\s*(\w)\{", r"\\frac{\1}{", s)                 # "\frac1{x}" -> "\frac{1}{x}"
     s = re.sub(r"_\{(\w+)\}", r"_\1", s)                         # "101_{2}" -> "101_2"
     if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s.replace(" ", "")) or \
             re.fullmatch(r"-?\d{1,3}([ \u2009\u202f]\d{3})+(\.\d+)?", s):
@@ -1554,10 +1589,19 @@ def _normalize(s):
         value = (int(whole or 0) + (Fraction(int(fixed or 0)) + Fraction(int(rep), 10 ** len(rep) - 1)) /
                  10 ** len(fixed))
         s = sign + f"{value.numerator}/{value.denominator}"
-    m = re.fullmatch(r"(-?[\d.]+)\s+([a-zA-Z][a-zA-Z ]*)(\^\{?\d\}?)?", s)
-    if m:                                                      # "18 apples", "5 cm^2" -> the number
-        s = m.group(1)
-    return s.strip().rstrip(".").strip()
+    return _drop_unit(s.strip().rstrip(".").strip())
+
+
+_UNIT = r"(?:\s+[a-zA-Z]+)*(?:\^\{?\d\}?)?"
+_FRACTION = r"-?\d*\s*\\frac\{[^{}]*\}\{[^{}]*\}|-?\d+\s*/\s*\d+"
+
+
+def _drop_unit(s):
+    """A number and a word after it -> the number: "18 apples", "5 cm^2" -> "18", "5". After a fraction only a unit-like
+    word goes: "\\frac{2}{5} kg", "2/5 cups" -> the fraction, but "\\frac{1}{2} x" and "\\frac12 bh" stay expressions."""
+    m = re.fullmatch(r"([-+]?\s*[\d.]+)\s+[a-zA-Z]+" + _UNIT, s) or re.fullmatch(
+        rf"({_FRACTION})\s+(?:[a-zA-Z]{{4,}}|kg|cm|mm|km|ml|mg|ft|oz|lbs?|yds?|mi|hrs?|min|sec|day|mph|in){_UNIT}", s)
+    return m.group(1).strip() if m else s
 
 
 def _matrix(s):
@@ -1804,7 +1848,10 @@ def _as_interval(s):
     return {"<": f"(-\\infty, {v})", "<=": f"(-\\infty, {v}]", ">": f"({v}, \\infty)", ">=": f"[{v}, \\infty)"}[op]
 
 
-_LABEL = re.compile(r"(\|[^|]*\||\([a-zA-Z_\d\s,]*\)|[a-zA-Z](?:_\w+)?(?:\([^()]*\))?|\\[a-z]+)\s*(?:=|\\in)\s*(.+)")
+# what may label a value: x, b_1, f(2), |PQ|, (a, b), \\theta, and the names of segments and angles: PQ, \\overline{AB},
+# \\angle ABC, m\\angle A (capitals only: "xy = 6" is an equation, not a label)
+_LABEL = re.compile(r"(\|[^|]*\||\([a-zA-Z_\d\s,]*\)|[a-zA-Z](?:_\w+)?(?:\([^()]*\))?|[A-Z]{2,4}|\\overline\{[A-Z]{2}\}|"
+                    r"(?:m\s*)?\\angle\s*[A-Z]{1,3}|\\[a-z]+)\s*(?:=|\\in)\s*(.+)")
 
 
 def _listed(a, b):
@@ -1817,7 +1864,7 @@ def _listed(a, b):
         if s.startswith("\\{") and s.endswith("\\}"):
             s = s[2:-2]
         parts = []
-        for p in (x.strip() for x in _split_top(s)):
+        for p in (_drop_unit(x.strip()) for x in _split_top(s)):
             parts += [p.replace("\\pm", "+"), p.replace("\\pm", "-")] if p.count("\\pm") == 1 else [p]
         out.append([(m[1].replace(" ", ""), m[2]) if m else (None, p) for m, p in ((_LABEL.fullmatch(p), p) for p in parts)])
     labels = [[label for label, _ in x] for x in out]
@@ -2226,6 +2273,87 @@ def optimizer_step(opt, sched):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The shipped base: data/bigstep/base holds the default base as data (weights, config, tokenizer, and base.json: the
+# settings it was trained with, each file's size and sha256, and what it can do), so a first run trains none.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+SHIPPED_BASE = "data/bigstep/base"
+BASE_KEYS = ("d_model", "n_layers", "n_heads", "base_steps", "base_seed", "batch_size", "lr", "sort_len", "lora_rank")
+REBUILD = "rebuild it with: python stepneg.py --mode make_data (it retrains the base: about 3 minutes on 2 CPU cores)"
+
+
+def hint_rebuild(path):
+    return f"; {REBUILD}" if os.path.abspath(path) == os.path.abspath(SHIPPED_BASE) else ""
+
+
+def sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def shipped_base_fits(cfg):
+    """Is the shipped base the one these settings ask for? True when cfg's BASE_KEYS equal the ones base.json records
+    (False: other settings train a base of their own). Before saying True, every shipped file is checked against its
+    recorded size and sha256: a missing or damaged base stops with the file's name and the command that rebuilds it,
+    never a silent start from other weights."""
+    mine = {k: getattr(cfg, k) for k in BASE_KEYS}
+    manifest = f"{SHIPPED_BASE}/base.json"
+    if not os.path.exists(manifest):
+        if mine == {k: getattr(Config, k) for k in BASE_KEYS}:  # the default settings: the base should be shipped
+            raise SystemExit(f"error: {manifest}: missing, so the shipped base cannot be checked; {REBUILD}")
+        return False
+    try:
+        info = json.load(open(manifest))
+        settings, files = info["settings"], info["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"error: {manifest}: not a base manifest ({e!r}); {REBUILD}") from None
+    if settings != mine:
+        return False
+    for name, want in files.items():
+        path = f"{SHIPPED_BASE}/{name}"
+        if not os.path.exists(path):
+            raise SystemExit(f"error: {path}: missing from the shipped base; {REBUILD}")
+        if os.path.getsize(path) != want["bytes"] or sha256(path) != want["sha256"]:
+            raise SystemExit(f"error: {path}: damaged ({os.path.getsize(path)} bytes, sha256 differs from {manifest}, "
+                             f"which records {want['bytes']}); {REBUILD}")
+    return True
+
+
+def base_skill(model, tok, cfg, n=1000, seed=1):
+    """The share of n fresh operation lists (base_corpus, another seed than the base's own) the model answers right,
+    greedily: what the base holds. base.json records it for n = 1000; a test checks it on the shipped base."""
+    lists = [{"question": r["question"], "gold": r["response"].rsplit(" ", 1)[-1]} for r in base_corpus(seed, n)]
+    with tempfile.TemporaryDirectory() as d:
+        return evaluate(model, tok, lists, dataclasses.replace(cfg, eval_k=0), f"{d}/lists.jsonl", "base skill")["accuracy"]
+
+
+def ship_base(cfg):
+    """--mode make_data: train the default base (in OUT/make_data, resumable) and write it to data/bigstep/base with
+    its base.json. Same host and torch: the same bytes as before; another host: a base of the same quality, other bits."""
+    bc = dataclasses.replace(Config(), out=f"{cfg.out}/make_data", device=cfg.device)
+    check_out_folder(bc)
+    path = run_base(bc, shipped=False).model
+    model, tok = load_model(bc, path)
+    skill = base_skill(model, tok, bc)
+    tmp = SHIPPED_BASE + ".tmp"
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    shutil.copytree(path, tmp)
+    files = {f: {"bytes": os.path.getsize(f"{tmp}/{f}"), "sha256": sha256(f"{tmp}/{f}")} for f in sorted(os.listdir(tmp))}
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               "unknown") if os.path.exists("/proc/cpuinfo") else "unknown"
+    info = {"settings": {k: getattr(bc, k) for k in BASE_KEYS}, "files": files,
+            "fresh_lists_right": skill, "trained_on": f"{cpu}, torch {torch.__version__}",
+            "train_s": stage_done(bc, "base")["wall_s"]}
+    write_text(f"{tmp}/base.json", json.dumps(info, indent=1) + "\n")
+    if os.path.exists(SHIPPED_BASE):
+        shutil.rmtree(SHIPPED_BASE)
+    os.replace(tmp, SHIPPED_BASE)
+    print(f"wrote {SHIPPED_BASE} (the base: {skill:.1%} of 1,000 fresh operation lists answered greedily)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Stage book-keeping: a finished stage is reused after a check of its files; a redone one makes later ones stale.
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -2330,6 +2458,34 @@ def scaling_table(rows, credit, sizes, seconds):
         for c in credit:
             lines.append(f"- seed {c['seed']}: pit positions {c['pit_histogram']}, first wrong step "
                          f"{c['first_wrong_histogram']}")
+    return "\n".join(lines)
+
+
+def seeds_table(runs):
+    """--seeds: each stage's test accuracy per seed with mean ± sd; each method's difference from SFT per seed, paired on
+    the same test problems (the mean of correct_method - correct_sft over problems, ± two standard errors of that
+    mean), and its mean over seeds ± two standard errors of that mean (from the seeds' spread). runs: {seed: cfg}"""
+    seeds = list(runs)
+    names = [n for n in ("sft", "rft", "dpo", "per_step", "per_step_awr", "per_step_oracle")
+             if all(stage_done(c, f"eval_{n}") for c in runs.values())]
+    right = {(s, n): [r["correct"] for r in read_jsonl(f"{runs[s].out}/eval_{n}/responses.jsonl")] for s in seeds
+             for n in names}
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    sd = lambda xs: (sum((x - mean(xs)) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0  # noqa: E731
+    cols = " | ".join(f"seed {s}" for s in seeds)
+    lines = [f"Test accuracy (%) on {len(right[seeds[0], 'sft'])} problems; each seed's run in seed<S>/, every one from the same start.",
+             "", f"| stage | {cols} | mean ± sd |", "|---|" + "---|" * (len(seeds) + 1)]
+    for n in names:
+        accs = [100 * mean(right[s, n]) for s in seeds]
+        lines.append(f"| {n} | " + " | ".join(f"{a:.1f}" for a in accs) + f" | {mean(accs):.1f} ± {sd(accs):.1f} |")
+    if len(names) > 1:
+        lines += ["", "Difference from SFT (points), paired on the same test problems, ± two standard errors:", "",
+                  f"| method | {cols} | mean ± 2 SE over seeds |", "|---|" + "---|" * (len(seeds) + 1)]
+    for n in names[1:]:
+        diffs = {s: [a - b for a, b in zip(right[s, n], right[s, "sft"])] for s in seeds}
+        per_seed = [f"{100 * mean(d):+.1f} ± {200 * sd(d) / len(d) ** 0.5:.1f}" for d in diffs.values()]
+        means = [100 * mean(d) for d in diffs.values()]
+        lines.append(f"| {n} | " + " | ".join(per_seed) + f" | {mean(means):+.1f} ± {2 * sd(means) / len(means) ** 0.5:.1f} |")
     return "\n".join(lines)
 
 
@@ -2474,8 +2630,8 @@ def parse_config(argv=None):
         if f.type is bool or f.type == "bool":
             g.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"), default=f.default,
                            metavar="true|false", help=text)
-        else:  # these three defaults depend on the mode (below)
-            late = f.name in ("n_train", "val", "sft_epochs")
+        else:  # these four defaults depend on the mode (below)
+            late = f.name in ("n_train", "val", "sft_epochs", "seeds")
             g.add_argument(f"--{f.name}", type=type(f.default), default=None if late else f.default,
                            choices=CHOICES.get(f.name), metavar=type(f.default).__name__.upper() if f.name not in CHOICES
                            else None, help=text)
@@ -2491,6 +2647,11 @@ def parse_config(argv=None):
             args["size_epochs"] = "12,12,24,16"
     if args["sft_epochs"] is None:
         args["sft_epochs"] = Config.sft_epochs
+    if args["seeds"] is None:
+        args["seeds"] = 3 if scaling else Config.seeds
+    if args["seeds"] < 1 or (args["seeds"] > 1 and args["mode"] not in ("sft", "rft", "dpo", "per_step", "all", "scaling")):
+        ap.error(f"--seeds {args['seeds']}: one or more, and more than one only with --mode sft, rft, dpo, per_step, all "
+                 "or scaling")
     if args["size_epochs"] and (not re.fullmatch(r"\d+(,\d+)*", args["size_epochs"])
                                 or len(args["size_epochs"].split(",")) != args["doublings"] + 1):
         ap.error(f"--size_epochs {args['size_epochs']}: one whole number of epochs per size, n first, "
@@ -2726,6 +2887,7 @@ def main(argv=None):
             write_jsonl(f"data/{task}/train.jsonl", train)
             write_jsonl(f"data/{task}/test.jsonl", test)
             print(f"wrote data/{task}/train.jsonl ({len(train)}) and data/{task}/test.jsonl ({len(test)})")
+        ship_base(cfg)
         return
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -2761,8 +2923,11 @@ def main(argv=None):
     if cfg.mode == "synth":
         run_synth(cfg, train)
         return
-    run_pipeline(cfg, train, test, {"rft": ["rft"], "dpo": ["dpo"], "per_step": ["per_step"],
-                                    "all": ["rft", "dpo", "per_step"]}.get(cfg.mode, []), val)
+    stages = {"rft": ["rft"], "dpo": ["dpo"], "per_step": ["per_step"], "all": ["rft", "dpo", "per_step"]}.get(cfg.mode, [])
+    if cfg.seeds > 1:
+        run_seeds(cfg, train, test, stages, val)
+        return
+    run_pipeline(cfg, train, test, stages, val)
 
 
 def _stop(signum, frame):

@@ -150,6 +150,28 @@ EQUIV_TABLE_2 = [
     ("\\csc^2 t", "1 + \\cot^2 t", True), ("\\csc^2 t", "1 + \\tan^2 t", False), ("\\sec^2 x - \\tan^2 x", "1", True),
     ("2ab + c", "c + 2ba", True), ("2ab + c", "c + 2ab^2", False), ("xy^2", "y^2 x", True), ("ab", "ba", False),
 ]
+# Third round, the last families real answers use: named values against bare ones, a unit after a fraction, a set against
+# \pm. Each family with equal and not-equal neighbours; no false "equal" (an expression after a fraction is no unit).
+EQUIV_TABLE_3 = [
+    # a gold that labels several values (segments, angles) against the bare values, in either order
+    ("3, 8", "PQ=3, RS=8", True), ("8, 3", "PQ = 3, RS = 8", True), ("3, 9", "PQ=3, RS=8", False), ("3", "PQ=3, RS=8", False),
+    ("RS = 8, PQ = 3", "PQ=3, RS=8", True), ("PQ = 8, RS = 3", "PQ=3, RS=8", False), ("PQ = 3, RT = 8", "PQ=3, RS=8", False),
+    ("AB = 5", "5", True), ("AB = 5", "6", False), ("\\overline{AB} = 5", "5", True), ("m\\angle A = 30^\\circ", "30", True),
+    ("\\angle ABC = 30", "30", True), ("\\angle ABC = 30", "60", False), ("AB = 4, BC = 5, CA = 6", "6, 5, 4", True),
+    ("xy = 6", "6", False), ("ab = 6", "6", False),
+    # a unit after a fraction (in \text, \textbf, \mathrm, or a bare unit word); a variable after it stays an expression
+    ("\\frac{2}{5} \\text{ kg}", "2/5", True), ("\\frac{2}{5}\\textbf{kg}", "2/5", True), ("\\frac{2}{5}\\mathrm{kg}", "0.4", True),
+    ("\\frac{2}{5} \\text{ kg}", "3/5", False), ("\\dfrac{2}{5}\\text{ kg}", "\\frac{2}{5}", True), ("2/5 kg", "\\frac25", True),
+    ("\\frac{2}{5} kg", "0.4", True), ("2\\frac{1}{2} cups", "5/2", True), ("2\\frac{1}{2} cups", "2", False),
+    ("\\frac{270}7\\text{ degrees}", "\\frac{270}{7}", True), ("\\frac{270}7\\text{ degrees}", "270/8", False),
+    ("\\frac{1}{2} x", "1/2", False), ("\\frac12 bh", "\\frac12", False), ("\\frac{1}{2}bh", "\\frac{bh}{2}", True),
+    ("\\frac{\\sqrt{3}}2", "\\sqrt{3}/2", True), ("\\frac{\\sqrt{3}}2", "\\sqrt{3}/3", False),
+    # a set in braces against \pm, whichever side carries a unit or writes the sign as one character
+    ("\\{-7, 7\\}", "\\pm 7", True), ("\\{7, -7\\}", "±7", True), ("\\{-7, 7\\}", "+/- 7", True), ("\\{-7, 8\\}", "±7", False),
+    ("\\{-7, 7\\}", "\\pm 7\\text{ cm}", True), ("\\{-7\\text{ cm}, 7\\text{ cm}\\}", "\\pm 7", True),
+    ("\\{7\\}", "\\pm 7", False), ("\\{-7, 0, 7\\}", "\\pm 7", False), ("\\{-7, 0, 7\\}", "\\pm 7, 0", True),
+    ("\\{1\\pm\\sqrt{5},-2\\}", "-2, 1 + \\sqrt5, 1 - \\sqrt5", True), ("\\{1\\pm\\sqrt{5},-2\\}", "1 \\pm \\sqrt5", False),
+]
 EXTRACT_TABLE = [
     # "The answer is" lines
     ("7 + 5 = 12\n12 - 3 = 9\nThe answer is 9", "9"), ("The answer is 9.", "9"), ("The answer is: 42", "42"),
@@ -192,7 +214,7 @@ def test_the_last_answer_marker_wins_even_on_one_line():
     assert sn.extract_answer("The answer is 8. No wait, the answer is 9") == "9"
 
 
-@pytest.mark.parametrize("pred,gold,expected", EQUIV_TABLE + EQUIV_TABLE_2)
+@pytest.mark.parametrize("pred,gold,expected", EQUIV_TABLE + EQUIV_TABLE_2 + EQUIV_TABLE_3)
 def test_is_equiv(pred, gold, expected):
     assert sn.is_equiv(pred, gold) is expected
     assert sn.is_equiv(gold, pred) is expected  # the checker is symmetric
@@ -216,7 +238,8 @@ def test_fuzz_checker_never_raises_and_stays_fast():
     rng = random.Random(0)
     atoms = ["1", "23", "-", "+", "*", "/", "^", "(", ")", "[", "]", "{", "}", ",", ".", "=", "x", "\\frac", "\\sqrt",
              "\\boxed{", "\\text{", "\\pi", "%", "$", " ", "The answer is ", "#### ", "\\left(", "e", "!", "__", "\\\\",
-             "<", ">=", "\\le ", "\\neq", "\\pm", "\\overline{", "\\binom{", ";", " and ", "\\quad", "\\in", "|", "_"]
+             "<", ">=", "\\le ", "\\neq", "\\pm", "\\overline{", "\\binom{", ";", " and ", "\\quad", "\\in", "|", "_",
+             "±", "PQ", " kg", "\\angle ", "\\textbf{"]
     marker = f"/tmp/stepneg-fuzz-{os.getpid()}"
     evil = [f"__import__('os').system('touch {marker}')", f"open('{marker}', 'w')", "exec('1')", "eval('1')",
             "globals()", "().__class__.__bases__", "lambda: 0", "sympify('x')", "\\input{/etc/passwd}"]
@@ -924,6 +947,88 @@ def test_bigstep_learner_starts_from_one_cached_base(tmp_path, monkeypatch):
                         "--seeds", "2", "--val", "0", "--sft_steps", "2"])
     assert [d for d, _, _ in trained].count("base") == 1 and os.path.exists(tmp_path / "scaling" / "base" / "model")
     assert not any(os.path.exists(tmp_path / "scaling" / f"seed{s}" / "base") for s in (0, 1))  # one base, all seeds
+
+
+def test_the_shipped_base_is_used_checked_and_holds_the_arithmetic(tmp_path, monkeypatch):
+    """data/bigstep/base is the default base: loaded, not trained; it answers fresh operation lists as base.json says
+    (README: "The embedded task"); other settings train their own; a damaged copy stops with a clear error."""
+    monkeypatch.chdir(HERE)
+    info = json.load(open("data/bigstep/base/base.json"))
+    assert info["settings"] == {k: getattr(sn.Config, k) for k in sn.BASE_KEYS}  # made with today's defaults
+    monkeypatch.setattr(sn, "train_sft", lambda *a, **k: pytest.fail("the shipped base must not be trained again"))
+    cfg = sn.run_base(sn.Config(out=str(tmp_path / "run")))
+    assert cfg.model == sn.SHIPPED_BASE and not os.path.exists(tmp_path / "run" / "base")
+    model, tok = sn.load_model(sn.Config(), cfg.model)
+    assert sum(p.numel() for p in model.parameters()) == 526_848  # width 96, 4 layers: the README's 0.53M
+    skill = sn.base_skill(model, tok, sn.Config())                  # base.json's 1,000 fresh lists, greedily (2 s)
+    assert info["fresh_lists_right"] >= 0.95 and abs(skill - info["fresh_lists_right"]) <= 0.01  # another host: a tie
+    for other in ({"d_model": 64}, {"base_steps": 1000}, {"base_seed": 1}, {"lr": 1e-3}):
+        assert not sn.shipped_base_fits(sn.Config(**other))          # these train a base of their own, as before
+    # damaged copies: every one stops, naming the file and the command that rebuilds it
+    copy = tmp_path / "base"
+    monkeypatch.setattr(sn, "SHIPPED_BASE", str(copy))
+
+    def fresh():
+        import shutil
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree("data/bigstep/base", copy)
+    fresh()
+    assert sn.shipped_base_fits(sn.Config())
+    weights = copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100_000])                      # truncated
+    with pytest.raises(SystemExit, match=rf"{weights}: damaged .*--mode make_data"):
+        sn.run_base(sn.Config())
+    fresh()
+    (copy / "tokenizer.json").unlink()                                        # missing
+    with pytest.raises(SystemExit, match=r"tokenizer.json: missing .*--mode make_data"):
+        sn.run_base(sn.Config())
+    fresh()
+    (copy / "base.json").unlink()
+    with pytest.raises(SystemExit, match=r"base.json: missing.*--mode make_data"):
+        sn.run_base(sn.Config())
+    # weights of another shape, with a base.json that vouches for them: the load itself refuses
+    fresh()
+    narrow, _ = sn.load_model(sn.Config(d_model=64), "tiny")
+    narrow.save_pretrained(str(tmp_path / "narrow"))
+    weights.write_bytes((tmp_path / "narrow" / "model.safetensors").read_bytes())
+    manifest = json.load(open(copy / "base.json"))
+    manifest["files"]["model.safetensors"] = {"bytes": weights.stat().st_size, "sha256": sn.sha256(str(weights))}
+    (copy / "base.json").write_text(json.dumps(manifest))
+    path = sn.run_base(sn.Config()).model
+    with pytest.raises(SystemExit, match=rf"{copy}: not a loadable model folder .*--mode make_data"):
+        sn.load_model(sn.Config(), path)
+    from safetensors.torch import load_file, save_file                        # a tensor missing: never random weights
+    fresh()
+    tensors = load_file(str(weights))
+    tensors.pop("model.layers.0.mlp.down_proj.weight")
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    with pytest.raises(SystemExit, match=r"lack 1 of the model's tensors \(model.layers.0.mlp.down_proj.weight"):
+        sn.load_model(sn.Config(), str(copy))
+
+
+def test_seeds_run_each_seed_into_its_folder_and_print_one_paired_table(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    cmd = MINI + ["--mode", "dpo", "--seeds", "2", "--seed", "3", "--out", out]
+    sn.main(cmd)
+    table = open(f"{out}/seeds.md").read()
+    assert table in capsys.readouterr().out
+    right = {(s, n): [r["correct"] for r in sn.read_jsonl(f"{out}/seed{s}/eval_{n}/responses.jsonl")]
+             for s in (3, 4) for n in ("sft", "dpo")}
+    accs = [100 * sum(right[s, "dpo"]) / 6 for s in (3, 4)]
+    mean = sum(accs) / 2
+    row = f"| dpo | {accs[0]:.1f} | {accs[1]:.1f} | {mean:.1f} ± {abs(accs[0] - accs[1]) / 2 ** 0.5:.1f} |"
+    assert "| stage | seed 3 | seed 4 | mean ± sd |" in table and row in table
+    d = [a - b for a, b in zip(right[3, "dpo"], right[3, "sft"])]  # seed 3's paired difference, by hand
+    m = sum(d) / 6
+    se = (sum((x - m) ** 2 for x in d) / 5 / 6) ** 0.5
+    assert f"| dpo | {100 * m:+.1f} ± {200 * se:.1f} | " in table
+    metrics = open(f"{out}/seed3/metrics.jsonl").read()
+    assert sn.stage_done(sn.Config(out=f"{out}/seed4"), "dpo") and not os.path.exists(f"{out}/sft")
+    sn.main(cmd)  # run again: every stage of every seed is reused, the same table comes out
+    assert open(f"{out}/seed3/metrics.jsonl").read() == metrics and open(f"{out}/seeds.md").read() == table
+    with pytest.raises(SystemExit):
+        sn.parse_config(MINI + ["--mode", "eval", "--seeds", "2"])
+    assert sn.parse_config(MINI + ["--mode", "scaling"]).seeds == 3 and sn.parse_config(MINI).seeds == 1
 
 
 def test_val_keeps_the_best_checkpoint_on_held_out_problems(tmp_path, monkeypatch):
