@@ -9,12 +9,12 @@ LLM Math Reasoning by Eight-Fold" (NeurIPS 2024, arXiv 2406.14532). The pipeline
                                                                    wrong solution, find the first pit, push it down)
     ->  greedy pass@1 on the test split
 
-    python stepneg.py --mode per_step          # the whole job on the embedded CPU default, no downloads (a tiny
-                                               # base pretrained on arithmetic first, cached: --task bigstep)
-    python stepneg.py --mode all               # SFT, RFT, outcome DPO and per-step DPO side by side
+    python stepneg.py --mode per_step          # the whole job on the embedded CPU default, no downloads (from a
+                                               # tiny base pretrained on arithmetic, shipped in data/bigstep/base)
+    python stepneg.py --mode all --seeds 3     # SFT, RFT, outcome DPO and per-step DPO side by side, on 3 seeds
     python stepneg.py --mode per_step --model Qwen/Qwen2.5-1.5B --train gsm8k_train.jsonl --test gsm8k_test.jsonl
     python stepneg.py --mode synth --teacher Qwen/Qwen2.5-7B-Instruct --train problems.jsonl   # write D_syn
-    python stepneg.py --mode scaling           # the paper's headline: SFT on n..8n vs each method on n (hours on CPU)
+    python stepneg.py --mode scaling           # the paper's headline: SFT on n..8n vs each method on n (an hour)
     torchrun --nproc_per_node 8 stepneg.py --mode per_step --model ...   # data parallel, one GPU per process
     python stepneg.py --mode bench_rollouts    # after a per_step run: first-pit saving, our sampler vs generate
     python stepneg.py --mode bench_dpo         # after a per_step run: our DPO step vs a resident reference and TRL
@@ -77,13 +77,14 @@ class Config:
     max_len: int = 256           # tokens per prompt+response; longer examples are truncated (and counted)
     # the tiny model (only when --model tiny)
     d_model: int = 96            # width; 128 (the default before) kept the ordering but took the scaling run past its
-                                 # hour (README: "How the default was found", item 11)
+                                 # hour (data/bigstep/README.md, item 11)
     n_layers: int = 4            # transformer blocks
     n_heads: int = 4             # attention heads
     base_steps: int = 2000       # --task bigstep: optimizer steps pretraining the tiny model on the task's arithmetic
-                                 # (stage "base", shared by every method); 0 = start from random weights
+                                 # (the base, shared by every method; with the shipped settings data/bigstep/base
+                                 # is loaded, others train their own); 0 = start from random weights
     base_seed: int = 0           # the base's init, corpus and order: one base for every --seed, as the paper's seeds
-                                 # all start from one pretrained LLM (README: "One base for every seed")
+                                 # all start from one pretrained LLM (README: "The main command")
     # SFT (and RFT, which reuses the SFT loop)
     sft_epochs: int = 16         # passes over D_syn (and, for RFT, over D_syn plus the kept samples); --mode scaling
                                  # with --val: 12 (validation picks the checkpoint; README: "The multiplier")
@@ -1182,6 +1183,23 @@ def equivalent_size(error, a, b):
     return math.exp((error - a) / b) if b < 0 else None
 
 
+def paired(a, b):
+    """Two models' 0/1 scores on the same test problems -> (mean of a - b, the standard error of that mean)."""
+    d = [x - y for x, y in zip(a, b)]
+    m = sum(d) / len(d)
+    return m, (sum((x - m) ** 2 for x in d) / max(1, len(d) - 1) / len(d)) ** 0.5
+
+
+def bracket(method, sft):
+    """The multiplier as measured, no fit: the largest SFT size the method beats on the test problems and the smallest
+    it does not, each (size, difference, its standard error), None where there is none.
+    method: its 0/1 per test problem; sft: {size: 0/1 per test problem}.
+    0.45 against SFT 0.31 / 0.34 / 0.39 / 0.48 on 100 .. 800 problems -> ((400, 0.06, 0.03), (800, -0.03, 0.03)):
+    worth between 4x and 8x the data."""
+    scored = [(m, *paired(method, sft[m])) for m in sorted(sft)]
+    return max((s for s in scored if s[1] > 0), default=None), min((s for s in scored if s[1] <= 0), default=None)
+
+
 def run_scaling(cfg, train, test, val=None):
     """--mode scaling: per seed, SFT on the first n, 2n, ..., 2^d n problems (nested), RFT / outcome DPO / per-step DPO
     from the SFT model on the first n, RFT again with per-step's sampling budget (samples + rollouts, counted in
@@ -1199,7 +1217,7 @@ def run_scaling(cfg, train, test, val=None):
     steps = sum(size_steps.values())
     print(f"scaling: {cfg.seeds} seed(s), each SFT on {sizes} problems ({steps} SFT steps), then sampling, rollouts "
           f"and DPO on the first {n}; SFT is most of the time (README: measured wall times)")
-    rows, credit, chosen = [], [], []
+    rows, credit, chosen, pooled = [], [], [], {}  # pooled: {method: [its 0/1s, {size: SFT's 0/1s}]} over seeds
     model = run_base(cfg).model  # one base for every seed (--base_seed)
     for seed in range(cfg.seed, cfg.seed + cfg.seeds):
         def sub(name, m, **kw):  # RFT and the DPOs on n train with n's epochs
@@ -1236,21 +1254,34 @@ def run_scaling(cfg, train, test, val=None):
         if toy:
             budget["per_step_oracle"] = (n, smp["samples"], 0, smp["sample_tokens"],
                                          sft_tok + stage_done(base, "per_step_oracle")["train_tokens"])
+        where = {"sft": base, "rft_budget": bud, **{f"sft_{m}": sub(f"n{m}", m) for m in sizes[1:]}}
+        right = {k: [r["correct"] for r in read_jsonl(f"{where.get(k, base).out}/eval_"
+                                                      f"{'sft' if k.startswith('sft') else 'rft' if k == 'rft_budget' else k}"
+                                                      "/responses.jsonl")] for k in budget}
+        sft = {m: right["sft" if m == n else f"sft_{m}"] for m in sizes}
         for method, (problems, samples, rollouts, sampled, trained) in budget.items():
             eq = equivalent_size(1 - acc[method], a, b)
+            inside = eq is not None and sizes[0] / 1.01 <= eq <= sizes[-1] * 1.01  # read only where SFT was measured
+            beats, trails = bracket(right[method], sft)
             rows.append({"stage": "scaling", "seed": seed, "method": method, "problems": problems,
                          "accuracy": acc[method], "sft_equivalent_problems": eq and round(eq),
-                         "multiplier": eq and round(eq / n, 2), "samples": samples, "rollouts": rollouts,
+                         "multiplier": round(eq / n, 2) if inside else None, "fit_multiplier": eq and round(eq / n, 2),
+                         "beats": beats, "trails": trails, "samples": samples, "rollouts": rollouts,
                          "tokens_sampled": sampled, "tokens_trained": trained, "fit_a": round(a, 4), "fit_b": round(b, 4)})
+            pooled.setdefault(method, [[], {m: [] for m in sizes}])
+            pooled[method][0].extend(right[method])
+            for m in sizes:
+                pooled[method][1][m].extend(sft[m])
         credit.append({"stage": "scaling_credit", "seed": seed, **credit_report(base, train[:n])})
         if val:  # the steps validation chose, per size: a curve of data, not of steps
             chosen.append(f"- seed {seed}: best validation step of SFT on " + ", ".join(
                 f"{m}: {stage_done(sub(f'n{m}', m), 'sft')['best_step']} of {size_steps[m]}" for m in sizes)
                 + f"; RFT on {n}: {stage_done(base, 'rft')['best_step']}")
     write_jsonl(f"{cfg.out}/metrics.jsonl", rows + credit, mode="a")
-    text = scaling_table(rows, credit, sizes, time.time() - t0) + "".join("\n" + line for line in chosen)
+    pooled = {k: bracket(*v) for k, v in pooled.items()}
+    text = scaling_table(rows, credit, sizes, time.time() - t0, pooled) + "".join("\n" + line for line in chosen)
     write_text(f"{cfg.out}/scaling.md", text + "\n")
-    write_text(f"{cfg.out}/scaling.svg", scaling_svg(rows, sizes))
+    write_text(f"{cfg.out}/scaling.svg", scaling_svg(rows, sizes, pooled))
     print("\n" + text + f"\n\npicture: {cfg.out}/scaling.svg")
     return rows, credit
 
@@ -2438,19 +2469,84 @@ def mean_sd(values):
     return f"{m:.3g} ± {sd:.2g}" if len(values) > 1 else f"{m:.3g}"
 
 
-def scaling_table(rows, credit, sizes, seconds):
-    seeds = sorted({r["seed"] for r in rows})
-    lines = [f"SFT fitted as error = a + b ln(problems) on sizes {sizes}; multiplier = n'/n, n' the size where the fit "
-             f"reaches the method's error. Mean ± sd over seeds {seeds}; wall {seconds / 60:.1f} min.", "",
-             "| method | problems | test acc | multiplier n'/n | per seed | samples | rollouts | tokens sampled | "
-             "tokens trained |", "|---|---|---|---|---|---|---|---|---|"]
+def seeds_table(runs):
+    """--seeds: each stage's test accuracy per seed with mean ± sd; each method's difference from SFT per seed, paired on
+    the same test problems (the mean of correct_method - correct_sft over problems, ± two standard errors of that
+    mean, paired()), and its mean over seeds ± two standard errors of that mean (from the seeds' spread).
+    runs: {seed: cfg}"""
+    seeds = list(runs)
+    names = [n for n in ("sft", "rft", "dpo", "per_step", "per_step_awr", "per_step_oracle")
+             if all(stage_done(c, f"eval_{n}") for c in runs.values())]
+    right = {(s, n): [r["correct"] for r in read_jsonl(f"{runs[s].out}/eval_{n}/responses.jsonl")] for s in seeds
+             for n in names}
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    sd = lambda xs: (sum((x - mean(xs)) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0  # noqa: E731
+    cols = " | ".join(f"seed {s}" for s in seeds)
+    lines = [f"Test accuracy (%) on {len(right[seeds[0], 'sft'])} problems; each seed's run in seed<S>/, every one from "
+             "the same start.", "", f"| stage | {cols} | mean ± sd |", "|---|" + "---|" * (len(seeds) + 1)]
+    for n in names:
+        accs = [100 * mean(right[s, n]) for s in seeds]
+        lines.append(f"| {n} | " + " | ".join(f"{a:.1f}" for a in accs) + f" | {mean(accs):.1f} ± {sd(accs):.1f} |")
+    if len(names) > 1:
+        lines += ["", "Difference from SFT (points), paired on the same test problems, ± two standard errors:", "",
+                  f"| method | {cols} | mean ± 2 SE over seeds |", "|---|" + "---|" * (len(seeds) + 1)]
+    for n in names[1:]:
+        diffs = [paired(right[s, n], right[s, "sft"]) for s in seeds]
+        means = [100 * d for d, _ in diffs]
+        lines.append(f"| {n} | " + " | ".join(f"{100 * d:+.1f} ± {200 * se:.1f}" for d, se in diffs)
+                     + f" | {mean(means):+.1f} ± {2 * sd(means) / len(means) ** 0.5:.1f} |")
+    return "\n".join(lines)
+
+
+def bracket_text(beats, trails, n):
+    """bracket()'s pair as a reading: "4-8x" (beats SFT on 4n, not on 8n), "> 8x" (beats every size), "< 1x" (not even
+    SFT on n), "8x, not 4x" (SFT's curve dips between them)."""
+    lo, hi = beats and beats[0] / n, trails and trails[0] / n
+    if beats is None:
+        return f"< {hi:g}x"
+    if trails is None:
+        return f"> {lo:g}x"
+    return f"{lo:g}-{hi:g}x" if hi > lo else f"{lo:g}x, not {hi:g}x"
+
+
+def fit_text(r, sizes):
+    if r["multiplier"] is not None:
+        return f"{r['multiplier']:.2f}"
+    if r["fit_multiplier"] is None:
+        return "n/a (SFT does not improve)"
+    past = r["fit_multiplier"] * sizes[0] > sizes[-1]
+    return f"{'>' if past else '<'} {(sizes[-1] if past else sizes[0]) / sizes[0]:g}x, {'past' if past else 'below'} the range"
+
+
+def scaling_table(rows, credit, sizes, seconds, pooled=None):
+    """scaling.md: per method the bracket (bracket(): what the test accuracies show, per seed and over the seeds'
+    problems pooled) and the fitted n'/n where it falls inside the measured sizes; then each bracket's paired
+    differences with two standard errors, and the credit checks."""
+    seeds, n = sorted({r["seed"] for r in rows}), sizes[0]
+    lines = [f"Multiplier as measured: the bracket between the largest SFT size a method beats on the test problems and the "
+             f"smallest it does not (x n = {n}; the paired differences below). The fit, SFT error = a + b ln(problems) on "
+             f"sizes {sizes}, gives n'/n only where n' lies inside them. Seeds {seeds}; wall {seconds / 60:.1f} min.", "",
+             "| method | problems | test acc | bracket, per seed | bracket, seeds pooled | fitted n'/n, per seed | fitted, "
+             "mean ± sd | samples | rollouts | tokens sampled | tokens trained |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    detail = ["", "Paired differences from SFT on the same test problems (points, ± 2 SE): the largest size beaten, the "
+              "smallest not.", ""]
+    say = lambda s: "none" if s is None else f"SFT on {s[0]} ({100 * s[1]:+.1f} ± {200 * s[2]:.1f})"  # noqa: E731
     for method in dict.fromkeys(r["method"] for r in rows):
         rs = [r for r in rows if r["method"] == method]
         avg = lambda key: round(sum(r[key] for r in rs) / len(rs))  # noqa: E731
-        per_seed = " ".join("n/a" if r["multiplier"] is None else f"{r['multiplier']:.2f}" for r in rs)
+        fits = [r["multiplier"] for r in rs]
+        fitted = mean_sd(fits) if None not in fits else f"n/a ({fits.count(None)} of {len(fits)} outside)"
+        pool = bracket_text(*pooled[method], n) if pooled and method in pooled else "-"
         lines.append(f"| {method} | {rs[0]['problems']} | {mean_sd([r['accuracy'] for r in rs])} | "
-                     f"{mean_sd([r['multiplier'] for r in rs])} | {per_seed} | {avg('samples')} | {avg('rollouts')} | "
+                     f"{' / '.join(bracket_text(r['beats'], r['trails'], n) for r in rs)} | {pool} | "
+                     f"{' / '.join(fit_text(r, sizes) for r in rs)} | {fitted} | {avg('samples')} | {avg('rollouts')} | "
                      f"{avg('tokens_sampled')} | {avg('tokens_trained')} |")
+        if not method.startswith("sft"):
+            detail.append(f"- {method}: " + "; ".join(f"seed {r['seed']} beats {say(r['beats'])}, not {say(r['trails'])}"
+                                                      for r in rs)
+                          + (f"; pooled beats {say(pooled[method][0])}, not {say(pooled[method][1])}"
+                             if pooled and method in pooled else ""))
+    lines += detail
     if any(len(c) > 2 for c in credit):
         lines += ["", "Credit against the toy's truth (mean ± sd over seeds):", ""]
         for key in [k for k in credit[0] if k not in ("stage", "seed") and not k.endswith("histogram")]:
@@ -2461,68 +2557,58 @@ def scaling_table(rows, credit, sizes, seconds):
     return "\n".join(lines)
 
 
-def seeds_table(runs):
-    """--seeds: each stage's test accuracy per seed with mean ± sd; each method's difference from SFT per seed, paired on
-    the same test problems (the mean of correct_method - correct_sft over problems, ± two standard errors of that
-    mean), and its mean over seeds ± two standard errors of that mean (from the seeds' spread). runs: {seed: cfg}"""
-    seeds = list(runs)
-    names = [n for n in ("sft", "rft", "dpo", "per_step", "per_step_awr", "per_step_oracle")
-             if all(stage_done(c, f"eval_{n}") for c in runs.values())]
-    right = {(s, n): [r["correct"] for r in read_jsonl(f"{runs[s].out}/eval_{n}/responses.jsonl")] for s in seeds
-             for n in names}
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    sd = lambda xs: (sum((x - mean(xs)) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0  # noqa: E731
-    cols = " | ".join(f"seed {s}" for s in seeds)
-    lines = [f"Test accuracy (%) on {len(right[seeds[0], 'sft'])} problems; each seed's run in seed<S>/, every one from the same start.",
-             "", f"| stage | {cols} | mean ± sd |", "|---|" + "---|" * (len(seeds) + 1)]
-    for n in names:
-        accs = [100 * mean(right[s, n]) for s in seeds]
-        lines.append(f"| {n} | " + " | ".join(f"{a:.1f}" for a in accs) + f" | {mean(accs):.1f} ± {sd(accs):.1f} |")
-    if len(names) > 1:
-        lines += ["", "Difference from SFT (points), paired on the same test problems, ± two standard errors:", "",
-                  f"| method | {cols} | mean ± 2 SE over seeds |", "|---|" + "---|" * (len(seeds) + 1)]
-    for n in names[1:]:
-        diffs = {s: [a - b for a, b in zip(right[s, n], right[s, "sft"])] for s in seeds}
-        per_seed = [f"{100 * mean(d):+.1f} ± {200 * sd(d) / len(d) ** 0.5:.1f}" for d in diffs.values()]
-        means = [100 * mean(d) for d in diffs.values()]
-        lines.append(f"| {n} | " + " | ".join(per_seed) + f" | {mean(means):+.1f} ± {2 * sd(means) / len(means) ** 0.5:.1f} |")
-    return "\n".join(lines)
-
-
 COLOURS = {"sft": "#333333", "rft": "#1f77b4", "rft_budget": "#17becf", "dpo": "#ff7f0e", "per_step": "#d62728",
            "per_step_awr": "#8c564b", "per_step_oracle": "#9467bd"}
 
 
-def scaling_svg(rows, sizes):
-    """The headline picture as hand-written SVG: SFT test error against problems (log axis), seeds as faint points,
-    with the line fitted to them (mean a, b over seeds); each method's mean error at n as a point, joined by a dashed
-    line to a ring at n', the SFT size the fit says reaches that error. Points carry data-* attributes (the numbers)."""
-    W, H, left, right, top, bottom = 710, 420, 64, 180, 20, 52
+def scaling_svg(rows, sizes, pooled=None):
+    """The headline picture as hand-written SVG: SFT test error against problems (log axis, only the measured sizes),
+    seeds as faint points, with the line fitted to them (mean a, b over seeds); each method's mean error at n as a
+    point, joined by a dashed line to a ring at n', the SFT size the fit says reaches that error (geometric mean over
+    seeds) -- or, when n' lies outside the measured sizes, to an arrow at that edge. The legend gives each method's
+    bracket (seeds pooled) and fit and is as wide as its longest line; points carry data-* attributes (the numbers)."""
     is_sft = lambda r: r["method"] == "sft" or r["method"].startswith("sft_")  # noqa: E731
     methods = list(dict.fromkeys(r["method"] for r in rows if not is_sft(r)))
     mean = lambda vs: sum(vs) / len(vs)  # noqa: E731
-    eq = {m: [r["sft_equivalent_problems"] for r in rows if r["method"] == m and r["sft_equivalent_problems"]]
-          for m in methods}
-    xs = sizes + [math.exp(mean([math.log(e) for e in v])) for v in eq.values() if v]
-    lo, hi = math.log(min(xs)) - 0.15, math.log(max(xs)) + 0.15
-    errs = [1 - r["accuracy"] for r in rows]
+    esc = lambda s: s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")  # noqa: E731
+    n = sizes[0]
+    eq = {}
+    for m in methods:
+        vs = [r["sft_equivalent_problems"] for r in rows if r["method"] == m and r["sft_equivalent_problems"]]
+        eq[m] = math.exp(mean([math.log(v) for v in vs])) if vs else None
+    labels = {}
+    for m in methods:
+        fit = ("fit n/a" if eq[m] is None else f"fit {eq[m] / n:.2g}x" if n / 1.01 <= eq[m] <= sizes[-1] * 1.01
+               else f"fit {'>' if eq[m] > sizes[-1] else '<'} {(sizes[-1] if eq[m] > sizes[-1] else n) / n:g}x")
+        labels[m] = f"{m}: {bracket_text(*pooled[m], n) + ', ' if pooled and m in pooled else ''}{fit}"
+    legend = [f"SFT on {sizes[0]}..{sizes[-1]}"] + list(labels.values())
+    left, plot, top, bottom, H = 64, 470, 20, 52, max(420, 60 + 18 * len(legend))
+    right = 40 + 7 * max(len(s) for s in legend)  # about 7 px a character at 12 px: the legend is never cut
+    W = left + plot + right
+    lo, hi = math.log(sizes[0]) - 0.25, math.log(sizes[-1]) + 0.25  # the measured sizes only, whatever a fit says
+    errs = [1 - r["accuracy"] for r in rows if r["accuracy"] is not None]
     e_lo, e_hi = max(0.0, min(errs) - 0.05), min(1.0, max(errs) + 0.05)
-    X = lambda m: left + (math.log(m) - lo) / (hi - lo) * (W - left - right)              # noqa: E731
-    Y = lambda e: top + (e_hi - e) / max(1e-9, e_hi - e_lo) * (H - top - bottom)            # noqa: E731
+    if e_hi - e_lo < 0.1:  # a flat curve: keep the tick labels apart
+        e_lo, e_hi = max(0.0, e_lo - 0.05), min(1.0, e_hi + 0.05)
+    X = lambda m: left + (math.log(m) - lo) / (hi - lo) * plot                          # noqa: E731
+    Y = lambda e: top + (e_hi - e) / max(1e-9, e_hi - e_lo) * (H - top - bottom)          # noqa: E731
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">',
            f'<rect width="{W}" height="{H}" fill="white"/>',
-           f'<line x1="{left}" y1="{H - bottom}" x2="{W - right}" y2="{H - bottom}" stroke="black"/>',
+           f'<line x1="{left}" y1="{H - bottom}" x2="{left + plot}" y2="{H - bottom}" stroke="black"/>',
            f'<line x1="{left}" y1="{top}" x2="{left}" y2="{H - bottom}" stroke="black"/>',
-           f'<text x="{(left + W - right) / 2}" y="{H - 12}" text-anchor="middle">training problems (log scale)</text>',
+           f'<text x="{left + plot / 2}" y="{H - 12}" text-anchor="middle">training problems (log scale)</text>',
            f'<text x="16" y="{(top + H - bottom) / 2}" transform="rotate(-90 16 {(top + H - bottom) / 2})" '
            f'text-anchor="middle">test error</text>']
-    for m in sizes:
-        out.append(f'<text x="{X(m):.1f}" y="{H - bottom + 16}" text-anchor="middle">{m}</text>')
+    gap = X(sizes[1]) - X(sizes[0]) if len(sizes) > 1 else plot
+    every = max(1, math.ceil(7 * len(str(sizes[-1])) / gap + 0.2))  # a size label every `every` sizes: never overlapping
+    for i, m in enumerate(sizes):
+        if i % every == 0:
+            out.append(f'<text x="{X(m):.1f}" y="{H - bottom + 16}" text-anchor="middle">{m}</text>')
     for k in range(5):
         e = e_lo + k * (e_hi - e_lo) / 4
         out.append(f'<text x="{left - 6}" y="{Y(e) + 4:.1f}" text-anchor="end">{e:.2f}</text>')
     a, b = mean([r["fit_a"] for r in rows]), mean([r["fit_b"] for r in rows])
-    x0, x1 = min(sizes), math.exp(hi)
+    x0, x1 = sizes[0], sizes[-1]
     out.append(f'<line x1="{X(x0):.1f}" y1="{Y(a + b * math.log(x0)):.1f}" x2="{X(x1):.1f}" '
                f'y2="{Y(a + b * math.log(x1)):.1f}" stroke="{COLOURS["sft"]}" data-fit="{a:.4f} {b:.4f}"/>')
     for r in rows:  # every seed's measurement, faint
@@ -2530,22 +2616,27 @@ def scaling_svg(rows, sizes):
             out.append(f'<circle cx="{X(r["problems"]):.1f}" cy="{Y(1 - r["accuracy"]):.1f}" r="3" fill="'
                        f'{COLOURS.get("sft" if is_sft(r) else r["method"], "gray")}" fill-opacity="0.3" '
                        f'data-seed="{r["seed"]}" data-method="{r["method"]}"/>')
-    out += [f'<line x1="{W - right + 8}" y1="{top + 10}" x2="{W - right + 20}" y2="{top + 10}" stroke="{COLOURS["sft"]}"/>',
-            f'<text x="{W - right + 24}" y="{top + 14}">SFT on {sizes[0]}..{sizes[-1]}</text>']
+    lx = left + plot + 16
+    out += [f'<line x1="{lx}" y1="{top + 10}" x2="{lx + 12}" y2="{top + 10}" stroke="{COLOURS["sft"]}"/>',
+            f'<text x="{lx + 16}" y="{top + 14}">{esc(legend[0])}</text>']
     for i, m in enumerate(methods, 1):
         rs, colour = [r for r in rows if r["method"] == m], COLOURS.get(m, "gray")
-        e, n = mean([1 - r["accuracy"] for r in rs]), rs[0]["problems"]
+        e = mean([1 - r["accuracy"] for r in rs])
         out.append(f'<circle cx="{X(n):.1f}" cy="{Y(e):.1f}" r="5" fill="{colour}" data-method="{m}" '
                    f'data-problems="{n}" data-error="{e:.4f}"/>')
-        if eq[m]:
-            n_eq = math.exp(mean([math.log(v) for v in eq[m]]))  # geometric mean over seeds
-            out.append(f'<line x1="{X(n):.1f}" y1="{Y(e):.1f}" x2="{X(n_eq):.1f}" y2="{Y(e):.1f}" stroke="{colour}" '
+        if eq[m] is not None:
+            end = min(max(eq[m], sizes[0]), sizes[-1]) if not n / 1.01 <= eq[m] <= sizes[-1] * 1.01 else eq[m]
+            out.append(f'<line x1="{X(n):.1f}" y1="{Y(e):.1f}" x2="{X(end):.1f}" y2="{Y(e):.1f}" stroke="{colour}" '
                        f'stroke-dasharray="4 3"/>')
-            out.append(f'<circle cx="{X(n_eq):.1f}" cy="{Y(e):.1f}" r="6" fill="none" stroke="{colour}" '
-                       f'stroke-width="2" data-method="{m}" data-equivalent="{n_eq:.0f}"/>')
-        label = f"{m}: {n_eq / n:.2g}x" if eq[m] else f"{m}: n/a"
-        out += [f'<circle cx="{W - right + 14}" cy="{top + 10 + 18 * i}" r="5" fill="{colour}"/>',
-                f'<text x="{W - right + 24}" y="{top + 14 + 18 * i}">{label}</text>']
+            if end == eq[m]:
+                out.append(f'<circle cx="{X(end):.1f}" cy="{Y(e):.1f}" r="6" fill="none" stroke="{colour}" '
+                           f'stroke-width="2" data-method="{m}" data-equivalent="{eq[m]:.0f}"/>')
+            else:  # the fit's n' lies outside the measured sizes: an arrow at that edge, not a point off the line
+                d = 8 if eq[m] > sizes[-1] else -8
+                out.append(f'<path d="M{X(end):.1f},{Y(e) - 5:.1f} L{X(end) + d:.1f},{Y(e):.1f} L{X(end):.1f},'
+                           f'{Y(e) + 5:.1f} Z" fill="{colour}" data-method="{m}" data-outside="{eq[m]:.0f}"/>')
+        out += [f'<circle cx="{lx + 6}" cy="{top + 10 + 18 * i}" r="5" fill="{colour}"/>',
+                f'<text x="{lx + 16}" y="{top + 14 + 18 * i}">{esc(labels[m])}</text>']
     return "\n".join(out + ["</svg>"]) + "\n"
 
 

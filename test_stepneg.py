@@ -1150,10 +1150,12 @@ def test_scaling_mode_reports_the_multipliers_of_synthetic_curves(tmp_path, monk
     n = 4
     at = {"rft": 2, "per_step": 8, "dpo": 1}
 
-    def fake_evaluate(model, tok, problems, cfg, path, desc):
+    def fake_evaluate(model, tok, problems, cfg, path, desc):  # 10,000 test problems, the first k right
         name = desc.split()[-1]
         times = 4 if "rft_budget" in cfg.out and name == "rft" else at.get(name, cfg.n_train / n)
-        return {"accuracy": 0.1 + 0.1 * math.log(times), "unparsable": 0, "n_test": len(problems)}
+        k = round(10_000 * (0.1 + 0.1 * math.log(times)))
+        sn.write_jsonl(path, [{"correct": int(i < k)} for i in range(10_000)])
+        return {"accuracy": k / 10_000, "unparsable": 0, "n_test": 10_000}
     monkeypatch.setattr(sn, "evaluate", fake_evaluate)
     out = str(tmp_path / "scaling")
     cfg, train, test = scaling_args(n, out)
@@ -1163,14 +1165,19 @@ def test_scaling_mode_reports_the_multipliers_of_synthetic_curves(tmp_path, monk
     for seed in (0, 1):
         mult = {m: got[seed, m]["multiplier"] for m in ("sft", "sft_8", "sft_16", "rft", "rft_budget", "dpo", "per_step",
                                                         "per_step_oracle")}
-        assert mult == {"sft": 1.0, "sft_8": 2.0, "sft_16": 4.0, "rft": 2.0, "rft_budget": 4.0, "dpo": 1.0, "per_step": 8.0,
-                        "per_step_oracle": 1.0}
+        assert mult == {"sft": 1.0, "sft_8": 2.0, "sft_16": 4.0, "rft": 2.0, "rft_budget": 4.0, "dpo": 1.0, "per_step": None,
+                        "per_step_oracle": 1.0}  # per-step's n' is 8n, past the largest size measured (4n): no number
+        assert got[seed, "per_step"]["fit_multiplier"] == 8.0
+        brackets = {m: sn.bracket_text(got[seed, m]["beats"], got[seed, m]["trails"], n) for m in ("rft", "rft_budget", "dpo", "per_step")}
+        assert brackets == {"rft": "1-2x", "rft_budget": "2-4x", "dpo": "< 1x", "per_step": "> 4x"}
         assert got[seed, "per_step_awr"]["rollouts"] == got[seed, "per_step"]["rollouts"]  # the same rollouts
         assert got[seed, "per_step"]["samples"] == n * 2 and got[seed, "sft_16"]["problems"] == 16
         assert got[seed, "rft_budget"]["samples"] >= got[seed, "rft"]["samples"]
         assert got[seed, "rft"]["tokens_trained"] > got[seed, "sft"]["tokens_trained"]
     table = open(os.path.join(out, "scaling.md")).read()
-    assert "| per_step | 4 |" in table and "8 ± 0 |" in table
+    assert "| per_step | 4 | 0.308 ± 0 | > 4x / > 4x | > 4x | > 4x, past the range / > 4x, past the range | n/a (2 of 2 outside) |" in table
+    assert "| rft | 4 | 0.169 ± 0 | 1-2x / 1-2x | 1-2x | 2.00 / 2.00 | 2 ± 0 |" in table
+    assert "- rft: seed 0 beats SFT on 4 (+6.9 ± 0.5), not SFT on 8 (+0.0 ± 0.0);" in table
     assert [json.loads(x)["stage"] for x in open(os.path.join(out, "metrics.jsonl"))].count("scaling") == 18
     # the picture: well-formed, each point where its numbers put it on a log axis
     import xml.etree.ElementTree as ET
@@ -1185,7 +1192,9 @@ def test_scaling_mode_reports_the_multipliers_of_synthetic_curves(tmp_path, monk
     assert float(ring["rft_budget"]["cx"]) == pytest.approx(sft_x[16], abs=0.1)
     step = sft_x[8] - sft_x[4]                                                   # one doubling, on a log axis
     assert sft_x[16] - sft_x[8] == pytest.approx(step, abs=0.2)
-    assert float(ring["per_step"]["cx"]) == pytest.approx(sft_x[16] + step, abs=0.2)  # 8n: past the last SFT size
+    assert "per_step" not in ring  # 8n is past the last SFT size: an arrow at the edge, no ring off the line
+    arrow = next(p.attrib for p in svg.iter("{http://www.w3.org/2000/svg}path") if p.get("data-method") == "per_step")
+    assert float(arrow["d"][1:].split(",")[0]) == pytest.approx(sft_x[16], abs=0.1) and arrow["data-outside"] == "32"
     assert float(mean_pt["per_step"]["cx"]) == pytest.approx(sft_x[4], abs=0.1)
     assert float(mean_pt["rft_budget"]["cy"]) == pytest.approx(float(ring["rft_budget"]["cy"]))
     assert float(mean_pt["per_step"]["cy"]) > float(mean_pt["rft"]["cy"]) > float(mean_pt["dpo"]["cy"])  # less error, lower
@@ -1232,6 +1241,74 @@ def test_oracle_pairs_put_the_pit_on_the_true_first_wrong_step():
         (x + "7 + 5 = 12\n", "12 - 3 = 9\nThe answer is 9", "12 - 3 = 8\n", 2),
         (x, prob["response"], "7 + 5 = 11\n", 1),
         (x + "7 + 5 = 12\n12 - 3 = 9\n", "The answer is 9", "9 + 1 = 10\n", 3)]
+
+
+def scores(accuracies, n=1000):
+    """0/1 scores on n test problems with these accuracies, nested (a better model also solves what a worse one does)."""
+    return [[int(i < round(a * n)) for i in range(n)] for a in accuracies]
+
+
+@pytest.mark.parametrize("sft,method,reading", [
+    ([0.37, 0.38, 0.38, 0.38], 0.44, "> 8x"),      # a flat curve: beats every size; the fit would say thousands
+    ([0.30, 0.33, 0.37, 0.48], 0.45, "4-8x"),      # bending up
+    ([0.30, 0.40, 0.45, 0.47], 0.46, "4-8x"),      # bending down
+    ([0.30, 0.35, 0.40, 0.45], 0.25, "< 1x"),      # worse than SFT on n
+    ([0.30, 0.35, 0.40, 0.45], 0.35, "1-2x"),      # a tie is not a win
+    ([0.30, 0.40, 0.35, 0.45], 0.38, "4x, not 2x"),  # SFT's curve dips: both ends said
+])
+def test_bracket_reads_the_test_accuracies_of_synthetic_curves(sft, method, reading):
+    sizes = [100, 200, 400, 800]
+    curve = dict(zip(sizes, scores(sft)))
+    beats, trails = sn.bracket(scores([method])[0], curve)
+    assert sn.bracket_text(beats, trails, 100) == reading
+    if beats:  # the difference and its standard error, by hand: nested scores differ on |a - b| of the problems
+        d = method - dict(zip(sizes, sft))[beats[0]]
+        assert beats[1] == pytest.approx(d, abs=1e-9) and beats[2] == pytest.approx((d * (1 - d) / 999) ** 0.5, rel=1e-6)
+    a, b = sn.fit_log_curve(sizes, [1 - s for s in sft])
+    eq = sn.equivalent_size(1 - method, a, b)
+    row = {"multiplier": round(eq / 100, 2) if eq and 100 <= eq <= 800 else None, "fit_multiplier": eq and eq / 100}
+    text = sn.fit_text(row, sizes)
+    assert text == {"> 8x": "> 8x, past the range", "< 1x": "< 1x, below the range"}.get(reading, text)
+    if reading == "4-8x":
+        assert 4 <= float(text) <= 8
+
+
+def test_the_picture_stays_legible_whatever_the_numbers():
+    """The extreme case of a flat SFT curve (the fit reads per-step at thousands of times the data): the axis keeps to
+    the measured sizes, the method's n' becomes an arrow at the edge, the legend fits, no labels overlap."""
+    import xml.etree.ElementTree as ET
+    sizes, rows = [960, 1920, 3840, 7680], []
+    sft_acc = [0.328, 0.376, 0.384, 0.378]
+    a, b = sn.fit_log_curve(sizes, [1 - x for x in sft_acc])
+    for m, acc in zip(sizes, sft_acc):
+        rows.append({"seed": 0, "method": "sft" if m == 960 else f"sft_{m}", "problems": m, "accuracy": acc,
+                     "sft_equivalent_problems": None, "fit_a": a, "fit_b": b})
+    for method, acc in [("rft", 0.422), ("dpo", 0.434), ("per_step", 0.544), ("per_step_oracle", 0.586),
+                        ("rft_budget", 0.30)]:
+        eq = sn.equivalent_size(1 - acc, a, b)
+        rows.append({"seed": 0, "method": method, "problems": 960, "accuracy": acc, "sft_equivalent_problems": eq,
+                     "fit_a": a, "fit_b": b})
+    assert sn.equivalent_size(1 - 0.544, a, b) / 960 > 1000  # the absurd reading this guards against
+    pooled = {r["method"]: sn.bracket(scores([r["accuracy"]])[0], dict(zip(sizes, scores(sft_acc))))
+              for r in rows if not r["method"].startswith("sft")}
+    svg = ET.fromstring(sn.scaling_svg(rows, sizes, pooled))
+    W, H = float(svg.get("width")), float(svg.get("height"))
+    ns = "{http://www.w3.org/2000/svg}"
+    texts = [(float(t.get("x")), float(t.get("y")), t.text, t.get("text-anchor", "start")) for t in svg.iter(ns + "text")
+             if not t.get("transform")]  # all but the rotated axis title
+    for x, y, s, anchor in texts:  # every label inside the picture (about 7 px a character)
+        width = 7 * len(s)
+        x0 = x - width if anchor == "end" else x - width / 2 if anchor == "middle" else x
+        assert 0 <= x0 and x0 + width <= W + 1 and 0 < y <= H, s
+    assert "per_step: > 8x, fit > 8x" in [s for _, _, s, _ in texts]
+    ticks = sorted(x for x, y, s, _ in texts if s.isdigit() and y > H - 52)
+    assert len(ticks) == 4 and min(b - a for a, b in zip(ticks, ticks[1:])) > 7 * 4  # size labels apart
+    ylabels = sorted(y for x, y, s, anchor in texts if anchor == "end")
+    assert min(b - a for a, b in zip(ylabels, ylabels[1:])) >= 14                   # error labels apart
+    plot_right = max(ticks) + 0.25 / math.log(2) * (ticks[1] - ticks[0]) + 1
+    assert all(float(c.get("cx")) <= plot_right for c in svg.iter(ns + "circle") if c.get("data-method"))
+    arrows = {p.get("data-method") for p in svg.iter(ns + "path")}
+    assert {"per_step", "per_step_oracle", "rft", "dpo"} <= arrows and "rft_budget" in arrows  # below the range: left
 
 
 def scaling_args(n, out):
