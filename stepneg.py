@@ -114,6 +114,10 @@ class Config:
     step_cap: int = 12           # at most this many steps per solution (extra lines merge into the last)
     credit: str = "first_pit"    # first_pit: the first step whose prefix no rollout finishes (paper) | min_advantage:
                                  # the step whose value drops most
+    value: str = "mean"          # a prefix's value for min_advantage and AWR: mean (Q-hat, the fraction of rollouts
+                                 # that succeed) | bok (the paper's Best-of-K policy: the chance that the best of
+                                 # --bok_k rollouts succeeds, bok_value); first_pit is the same under both
+    bok_k: int = 5               # K of --value bok (the paper: 5)
     pair_form: str = "step"      # step: rejected = the pit step alone | full: (x, y+, y-_{1:c}) shorthand
     loss: str = "dpo"            # per-step stage: dpo (paper) | awr (advantage-weighted steps, the paper's RL view)
                                  # | both (per_step and per_step_awr side by side, on the same rollouts)
@@ -598,6 +602,24 @@ def find_pit(values, rule):
     return c if adv[c] < 0 else None
 
 
+def bok_value(q, n, K):
+    """The value of a prefix under the paper's rollout policy, Best-of-K of pi_sft: P(at least one of K rollouts
+    succeeds), from c = q * n successes in n rollouts. n >= K: the unbiased estimate 1 - C(n - c, K) / C(n, K)
+    (pass_at_k); n < K (the k samples at x): the plug-in 1 - (1 - q)^K.   n = 8, c = 1, K = 5 -> 5/8; c = 4 -> 1"""
+    if q is None:
+        return None
+    return pass_at_k(n, round(q * n), K) if n >= K else 1.0 - (1.0 - q) ** K
+
+
+def credit_values(Q, cfg):
+    """The values credit reads: Q-hat itself (--value mean), or Best-of-K values (--value bok). Index 0 came from
+    the k samples at x, the rest from M rollouts each; the last (the negative's own answer, wrong) is 0 either way."""
+    if cfg.value == "mean":
+        return Q
+    return {nid: [bok_value(q, cfg.k_samples if i == 0 else cfg.rollouts, cfg.bok_k) for i, q in enumerate(values)]
+            for nid, values in Q.items()}
+
+
 def per_step_pairs(problems, negatives, Q, wins, cfg):
     """The per-step DPO pairs, in the shared-prefix form Self-Explore ships. For a pit at step c of negative y-:
       step form: prompt = x + y-_{1:c-1}, chosen = the shortest correct continuation of that prompt (a rollout, or
@@ -605,9 +627,9 @@ def per_step_pairs(problems, negatives, Q, wins, cfg):
       full form: prompt = x, chosen = the shortest correct sample, rejected = y-_{1:c} (no EOS)
     {"prompt": "Question: ...\nAnswer:\n7 + 5 = 12\n", "chosen": "12 - 3 = 9\nThe answer is 9",
      "rejected": "12 - 3 = 8\n", ...}"""
-    pairs = []
+    pairs, V = [], credit_values(Q, cfg)
     for n in negatives:
-        c = find_pit(Q[n["nid"]], cfg.credit)
+        c = find_pit(V[n["nid"]], cfg.credit)
         options = sorted(wins[n["nid"]].get(0 if cfg.pair_form == "full" else c - 1, []), key=len) if c else []
         if not options:
             continue
@@ -624,12 +646,12 @@ def per_step_pairs(problems, negatives, Q, wins, cfg):
 def awr_examples(problems, negatives, Q, wins, cfg):
     """The same rollouts as per-step DPO, read as advantage-weighted steps (--loss awr): every step of a negative
     whose prefix values are both known, A_i = Q_i - Q_{i-1}, and each pair's chosen continuation, A = 1 - Q_{c-1}
-    (it reached the answer from a prefix worth Q_{c-1}).   Q = [1/2, 1, 0]:
+    (it reached the answer from a prefix worth Q_{c-1}); Q the values of --value (credit_values).   Q = [1/2, 1, 0]:
     {"prompt": x, "response": y_1, "advantage": 0.5}, {"prompt": x + y_1, "response": y_2, "advantage": -1.0},
     {"prompt": x + y_1, "response": the chosen continuation, "complete": True, "advantage": 0.0}"""
-    examples = []
+    examples, V = [], credit_values(Q, cfg)
     for n in negatives:
-        values = Q[n["nid"]]
+        values = V[n["nid"]]
         x = PROMPT.format(question=problems[n["pid"]]["question"])
         for i in range(1, len(values)):
             if values[i] is not None and values[i - 1] is not None:
@@ -638,7 +660,7 @@ def awr_examples(problems, negatives, Q, wins, cfg):
                                  "nid": n["nid"], "step": i})
     for p in per_step_pairs(problems, negatives, Q, wins, dataclasses.replace(cfg, pair_form="step")):
         examples.append({"prompt": p["prompt"], "response": p["chosen"], "complete": True,
-                         "advantage": 1.0 - p["q"][p["pit"] - 1], "nid": p["nid"], "step": p["pit"]})
+                         "advantage": 1.0 - V[p["nid"]][p["pit"] - 1], "nid": p["nid"], "step": p["pit"]})
     return examples
 
 
@@ -2707,7 +2729,8 @@ def worked_example(cfg, train):
 
 CHOICES = {"mode": ("make_data", "synth", "sft", "rft", "dpo", "per_step", "eval", "all", "scaling", "bench_rollouts",
                     "bench_dpo", "bench_shapes"),
-           "device": ("auto", "cpu", "cuda"), "credit": ("first_pit", "min_advantage"), "pair_form": ("step", "full"),
+           "device": ("auto", "cpu", "cuda"), "credit": ("first_pit", "min_advantage"), "value": ("mean", "bok"),
+           "pair_form": ("step", "full"),
            "loss": ("dpo", "awr", "both"), "task": ("bigstep", "arith")}
 
 
@@ -2747,9 +2770,10 @@ def parse_config(argv=None):
                                 or len(args["size_epochs"].split(",")) != args["doublings"] + 1):
         ap.error(f"--size_epochs {args['size_epochs']}: one whole number of epochs per size, n first, "
                  f"{args['doublings'] + 1} in all (--doublings {args['doublings']})")
-    for name in ("eval_k", "n_train", "n_test", "val", "base_steps", "rollouts", "k_samples", "beta", "beta_awr"):
-        if args[name] < 0 or (args[name] == 0 and name in ("rollouts", "k_samples", "beta", "beta_awr")):
-            ap.error(f"--{name} {args[name]}: must be {'positive' if name in ('rollouts', 'k_samples', 'beta', 'beta_awr') else '0 or more'}")
+    positive = ("rollouts", "k_samples", "beta", "beta_awr", "bok_k")
+    for name in ("eval_k", "n_train", "n_test", "val", "base_steps") + positive:
+        if args[name] < 0 or (args[name] == 0 and name in positive):
+            ap.error(f"--{name} {args[name]}: must be {'positive' if name in positive else '0 or more'}")
     for name in ("train", "test"):
         args[name] = args[name] or f"data/{args['task']}/{name}.jsonl"
     return Config(**args)

@@ -533,6 +533,21 @@ def scripted_generate(prompts, *_):
     return texts, [len(t) for t in texts], 0
 
 
+def test_best_of_k_values_by_hand():
+    """--value bok: the chance that the best of K = 5 rollouts succeeds, from c of M = 8: 1 - C(8 - c, 5) / C(8, 5)."""
+    by_hand = [0, 35 / 56, 50 / 56, 55 / 56, 1, 1, 1, 1, 1]  # C(8,5) = 56; C(7,5) = 21, C(6,5) = 6, C(5,5) = 1, then 0
+    assert [sn.bok_value(c / 8, 8, 5) for c in range(9)] == pytest.approx(by_hand)
+    assert sn.bok_value(0.5, 4, 5) == pytest.approx(1 - 0.5 ** 5)  # fewer samples than K (at x): the plug-in
+    assert sn.bok_value(None, 8, 5) is None
+    Q = {"n0": [0.5, 7 / 8, 2 / 8, 0.0]}
+    cfg = sn.Config(k_samples=4, rollouts=8, credit="min_advantage")
+    assert sn.find_pit(sn.credit_values(Q, cfg)["n0"], "min_advantage") == 2   # mean: A = +.375, -.625, -.25
+    bok = sn.credit_values(Q, dataclasses.replace(cfg, value="bok"))["n0"]     # BoK: 31/32, 1, 50/56, 0
+    assert bok == pytest.approx([31 / 32, 1.0, 50 / 56, 0.0])
+    assert sn.find_pit(bok, "min_advantage") == 3  # under Best-of-K, step 2 barely hurts; step 3 kills the prefix
+    assert sn.find_pit(bok, "first_pit") == sn.find_pit(Q["n0"], "first_pit") == 3  # the first pit: the same
+
+
 @pytest.mark.parametrize("credit", ["first_pit", "min_advantage"])
 def test_rollout_search_finds_the_planted_step(tmp_path, monkeypatch, credit):
     monkeypatch.setattr(sn, "generate", lambda model, tok, prompts, *a: scripted_generate(prompts))
@@ -863,6 +878,9 @@ def test_awr_examples_read_the_rollouts_as_step_advantages(tmp_path, monkeypatch
         (x + "a p7 step\nb p3 step\n", "c p0 step\n", False, -3 / 8),
         (x + "a p7 step\nb p3 step\nc p0 step\n", "The answer is 1", True, 0.0),
         (x + "a p7 step\nb p3 step\n", "w \nThe answer is 9", True, 5 / 8)]
+    # --value bok (K = 5): V = 1 - (1/2)^5 (x: 2 samples, the plug-in), 1 (7 of 8), 55/56 (3 of 8), 0, 0
+    bok = sn.awr_examples(problems, negs, Q, wins, dataclasses.replace(cfg, value="bok", k_samples=2))
+    assert [e["advantage"] for e in bok] == pytest.approx([1 / 32, -1 / 56, -55 / 56, 0.0, 1 / 56])
 
 
 def test_pass_at_k_and_majority_vote_on_scripted_samples(tmp_path, monkeypatch):
