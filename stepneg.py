@@ -2473,8 +2473,11 @@ def check_out_folder(cfg):
 
 
 # Settings that change what a stage computes: an output folder made with other values is refused, not mixed.
-RESULT_KEYS = [f.name for f in dataclasses.fields(Config) if f.name not in ("mode", "out", "device", "log_every", "ckpt_every", "doublings", "seeds",
-                                                                   "size_epochs")]  # each size's run holds its epochs
+# Not among them: what only picks which stages run (mode, loss: per_step and per_step_awr are separate stages, so
+# --loss both adds AWR to a per_step folder), where and how often things are written, and each size's epochs (held by
+# that size's own folder).
+RESULT_KEYS = [f.name for f in dataclasses.fields(Config) if f.name not in (
+    "mode", "loss", "out", "device", "log_every", "ckpt_every", "doublings", "seeds", "size_epochs")]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1682,7 +1682,7 @@ def test_cached_rows_are_redone_for_another_seed_or_length(tmp_path):
 
 
 # Every setting that changes what a stage computes must be refused against a folder made with another value.
-NOT_RESULTS = {"mode", "out", "device", "log_every", "ckpt_every", "doublings", "seeds", "size_epochs"}
+NOT_RESULTS = {"mode", "loss", "out", "device", "log_every", "ckpt_every", "doublings", "seeds", "size_epochs"}
 
 
 def test_every_result_setting_is_checked_against_an_existing_folder(tmp_path):
