@@ -1072,8 +1072,12 @@ def test_val_keeps_the_best_checkpoint_on_held_out_problems(tmp_path, monkeypatc
     assert not os.path.exists(f"{out}/sft/best.pt")
     with pytest.raises(SystemExit, match="--val 7995 needs 8007 problems"):
         sn.main(MINI + ["--mode", "sft", "--val", "7995", "--out", out + "2"])
-    monkeypatch.setattr(sn, "evaluate", lambda *a: {"accuracy": 0.5, "unparsable": 0, "n_test": 2} if "validation"
-                        not in a[-1] else {"accuracy": next(scores)})  # all 0.0 from here on: the first step is best
+    def half(model, tok, problems, cfg, path, desc):  # test: one of two right; validation: all 0.0 from here on
+        if "validation" in desc:
+            return {"accuracy": next(scores)}
+        sn.write_jsonl(path, [{"correct": 1}, {"correct": 0}])
+        return {"accuracy": 0.5, "unparsable": 0, "n_test": 2}
+    monkeypatch.setattr(sn, "evaluate", half)  # the first step is best
     sn.main(MINI + ["--mode", "scaling", "--n_train", "4", "--doublings", "1", "--seeds", "1", "--val", "3",
                     "--sft_steps", "2", "--out", out + "3"])
     assert "- seed 0: best validation step of SFT on 4: 1 of 2, 8: 1 of 2; RFT on 4: 1" in open(out + "3/scaling.md").read()
