@@ -122,6 +122,10 @@ class Config:
     loss: str = "dpo"            # per-step stage: dpo (paper) | awr (advantage-weighted steps, the paper's RL view)
                                  # | both (per_step and per_step_awr side by side, on the same rollouts)
     beta_awr: float = 0.5        # AWR temperature: step weights exp(A / beta_awr), normalised over the batch
+    slips: float = 0.0           # --task bigstep: the share of D_syn solutions that reach the right answer through two
+                                 # slips that cancel (with_slips: the variant where positives carry spurious steps)
+    audit: int = 0               # > 0: look for spurious steps in this many of pi_sft's correct samples (run_audit:
+                                 # rollouts from every prefix; a step flagged when its advantage is below -0.5)
     # DPO (outcome and per-step)
     beta: float = 0.1            # DPO's beta: how far from pi_ref the policy may move for a given margin
     lora_rank: int = 0           # > 0: train low-rank adapters (Hu et al. 2021) instead of every weight; saved merged
@@ -225,6 +229,25 @@ def base_corpus(seed, n):
         words = [op_phrase(rng, op, k) for op, k in ops] if rng.random() < 0.5 else [f"{op} {k}" for op, k in ops]
         rows.append({"question": f"Compute {start}, " + ", ".join(words) + ".", "response": chain_text(start, ops)})
     return rows
+
+
+def with_slips(problems, share, seed=0):
+    """--slips P (the other side of the spurious-step claim): a share P of the D_syn solutions, chosen by seed, come
+    from a sloppy teacher that reaches the right answer through two slips that cancel -- one line's result off by
+    d = 1..3, the next line computed from the wrong value and off by -d, back on the true chain:
+    "35 - 12 = 23\n23 + 32 = 55\n..." -> "35 - 12 = 24\n24 + 32 = 55\n..." (first_wrong_step: 1). Solutions with
+    one arithmetic line are left as they are."""
+    rng, out = random.Random(seed), []
+    for p in problems:
+        lines = (p["response"] or "").split("\n")
+        pick, d = rng.random() < share, rng.choice([-3, -2, -1, 1, 2, 3])
+        if pick and len(lines) >= 3 and all(TOY_STEP.fullmatch(line) for line in lines[:2]):
+            a, b = TOY_STEP.fullmatch(lines[0]), TOY_STEP.fullmatch(lines[1])
+            wrong = int(a[3]) + d
+            lines[:2] = [f"{a[1]}{a[2]} = {wrong}", f"{wrong}{b[2]} = {b[3]}"]
+            p = {**p, "response": "\n".join(lines)}
+        out.append(p)
+    return out
 
 
 def make_toy_data(task="bigstep", seed=0, n_train=8000, n_test=500):
@@ -535,15 +558,15 @@ def split_steps(text, cap=12, min_words=3, max_chars=400):
     return steps or [text]
 
 
-def collect_negatives(problems, samples, cap):
-    """Distinct wrong samples per problem: [{"pid", "nid", "response", "steps"}]."""
+def collect_negatives(problems, samples, cap, right=0):
+    """Distinct wrong samples per problem (right=1: distinct correct ones): [{"pid", "nid", "response", "right"}]."""
     negs = []
     for pid, (prob, s) in enumerate(zip(problems, samples)):
         seen = set()
         for text, ok in zip(s["responses"], s["correct"]):
-            if not ok and text not in seen and len(seen) < cap:
+            if ok == right and text not in seen and len(seen) < cap:
                 seen.add(text)
-                negs.append({"pid": pid, "nid": len(negs), "response": text})
+                negs.append({"pid": pid, "nid": len(negs), "response": text, "right": right})
     return negs
 
 
@@ -552,15 +575,15 @@ def step_values(model, tok, problems, samples, negatives, cfg, out_dir):
     x + y_{1:i}, 1-based like the paper's y_1 ... y_L, and i = 0 is x alone (valued by the k samples already drawn
     there). Prefixes are explored round by round (i = 1, 2, ...), each round sending all live prefixes of all
     negatives to the model as big batches of prefixes x M rows: Q_i = the fraction of the M rollouts from
-    x + y_{1:i} whose final answer is correct; Q_L = r(x, y) = 0 needs none. With credit=first_pit a negative leaves
-    the search once a prefix has Q = 0 (its pit is found).
+    x + y_{1:i} whose final answer is correct; Q_L = r(x, y) (0 for a negative) needs none. With credit=first_pit a
+    negative leaves the search once a prefix has Q = 0 (its pit is found).
     -> {nid: [Q_0, Q_1, ..., Q_L] (None where not explored)}, {nid: {i: [correct continuations of x + y_{1:i}]}},
        accounting"""
     M, Q, wins, spent, tokens, new_tokens, seconds = cfg.rollouts, {}, {}, 0, 0, 0, 0.0
     for n in negatives:
         s = samples[n["pid"]]
         n["steps"] = split_steps(n["response"], cfg.step_cap)
-        Q[n["nid"]] = [sum(s["correct"]) / len(s["correct"])] + [None] * (len(n["steps"]) - 1) + [0.0]
+        Q[n["nid"]] = [sum(s["correct"]) / len(s["correct"])] + [None] * (len(n["steps"]) - 1) + [n.get("right", 0.0)]
         wins[n["nid"]] = {0: [t for t, ok in zip(s["responses"], s["correct"]) if ok]}
     live = [n for n in negatives if len(n["steps"]) > 1]
     max_L = max((len(n["steps"]) for n in negatives), default=0)
@@ -1134,6 +1157,45 @@ def run_awr(cfg, train, sft_path):
     return f"{cfg.out}/{name}/model"
 
 
+AUDIT_BELOW = -0.5  # a step of a correct sample is flagged when it costs more than half the prefix's chance to finish
+
+
+def run_audit(cfg, train, sft_path):
+    """--audit N: the paper's spurious steps (a right answer reached through a wrong or useless step, which imitation
+    of positives keeps) looked for in pi_sft's correct samples: the first N distinct ones, Q-hat at every prefix from
+    M rollouts (step_values, every prefix), A_i = Q_i - Q_{i-1}, a step flagged when A_i < AUDIT_BELOW. On an
+    embedded task the truth scores the flags (first_wrong_step: the sample's first wrong step).
+    -> audit/steps.jsonl: {"pid", "nid", "step", "text", "advantage", "flagged", "first_wrong"}; the counts"""
+    result = stage_done(cfg, "audit")
+    if not result or result["asked"] != cfg.audit:  # --audit is not a result setting: another N redoes this stage
+        samples = run_samples(cfg, train, sft_path)
+        t0 = time.time()
+        model, tok = load_model(cfg, sft_path)
+        right = collect_negatives(train, samples, cfg.max_negatives, right=1)[:cfg.audit]
+        Q, _, acct = step_values(model, tok, train, samples, right, dataclasses.replace(cfg, credit="min_advantage"),
+                                 f"{cfg.out}/audit")
+        rows, truth = [], {}
+        for n in right:
+            q, question = Q[n["nid"]], train[n["pid"]]["question"]
+            truth[n["nid"]] = first_wrong_step(n["steps"], question) if toy_chain(question) else None
+            rows += [{"pid": n["pid"], "nid": n["nid"], "step": i, "text": n["steps"][i - 1],
+                      "advantage": q[i] - q[i - 1], "flagged": q[i] - q[i - 1] < AUDIT_BELOW,
+                      "first_wrong": truth[n["nid"]] == i} for i in range(1, len(q))]
+        write_jsonl(f"{cfg.out}/audit/steps.jsonl", rows)
+        flagged = {r["nid"] for r in rows if r["flagged"]}
+        spurious = {nid for nid, w in truth.items() if w}
+        result = finish_stage(cfg, "audit", {
+            **acct, "asked": cfg.audit, "audited": len(right), "with_a_wrong_step": len(spurious), "flagged_samples": len(flagged),
+            "flagged_steps": sum(r["flagged"] for r in rows),
+            "precision": round(len(flagged & spurious) / len(flagged), 3) if flagged else None,
+            "recall": round(len(flagged & spurious) / len(spurious), 3) if spurious else None,
+            "flags_on_the_first_wrong_step": sum(r["flagged"] and r["first_wrong"] for r in rows),
+            "wall_s": round(time.time() - t0, 1)})
+    print(f"audit: {result['audited']} correct samples, {result['with_a_wrong_step']} holding a wrong step by the "
+          f"truth, {result['flagged_samples']} flagged (precision {result['precision']}, recall {result['recall']})")
+    return result
+
+
 def run_eval(cfg, test, name, model_path):
     result = stage_done(cfg, f"eval_{name}")
     if not result:
@@ -1162,6 +1224,8 @@ def run_pipeline(cfg, train, test, stages, val=None):
         results["per_step"] = run_eval(cfg, test, "per_step", run_dpo(cfg, train, sft, "per_step"))
     if "per_step" in stages and cfg.loss in ("awr", "both"):
         results["per_step_awr"] = run_eval(cfg, test, "per_step_awr", run_awr(cfg, train, sft))
+    if cfg.audit:
+        run_audit(cfg, train, sft)
     print("\n" + summary(cfg, list(results)))
     if "per_step" in results:
         print("\nOne negative, step by step (per_step/example.md):\n" + worked_example(cfg, train))
@@ -1378,8 +1442,8 @@ def toy_chain(question):
 
 
 def has_toy_truth(problems):
-    return all(toy_chain(p["question"]) and p["response"] and first_wrong_step(split_steps(p["response"]), p["question"])
-               is None for p in problems)
+    """An embedded task's problems: every question reads as a chain whose value is the gold (--slips keeps that)."""
+    return all(toy_chain(p["question"]) and p["response"] and reward(p["response"], p["gold"]) for p in problems)
 
 
 def first_wrong_step(steps, question):
@@ -2427,7 +2491,8 @@ def stage_done(cfg, name):
 
 
 # What each stage's outputs are computed from: a stage that is redone makes these stale, so they are redone too.
-DOWNSTREAM = {"base": ["sft", "rft"], "sft": ["eval_sft", "samples", "rft"], "samples": ["rft", "dpo", "per_step", "per_step_awr", "per_step_oracle"],
+DOWNSTREAM = {"base": ["sft", "rft"], "sft": ["eval_sft", "samples", "rft"],
+              "samples": ["rft", "dpo", "per_step", "per_step_awr", "per_step_oracle", "audit"],
               "rft": ["eval_rft"], "dpo": ["eval_dpo"], "per_step": ["eval_per_step"],
               "per_step_awr": ["eval_per_step_awr"], "per_step_oracle": ["eval_per_step_oracle"]}
 
@@ -2474,10 +2539,10 @@ def check_out_folder(cfg):
 
 # Settings that change what a stage computes: an output folder made with other values is refused, not mixed.
 # Not among them: what only picks which stages run (mode, loss: per_step and per_step_awr are separate stages, so
-# --loss both adds AWR to a per_step folder), where and how often things are written, and each size's epochs (held by
-# that size's own folder).
+# --loss both adds AWR to a per_step folder; audit, whose stage records its N), where and how often things are
+# written, and each size's epochs (held by that size's own folder).
 RESULT_KEYS = [f.name for f in dataclasses.fields(Config) if f.name not in (
-    "mode", "loss", "out", "device", "log_every", "ckpt_every", "doublings", "seeds", "size_epochs")]
+    "mode", "loss", "audit", "out", "device", "log_every", "ckpt_every", "doublings", "seeds", "size_epochs")]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -2774,7 +2839,7 @@ def parse_config(argv=None):
         ap.error(f"--size_epochs {args['size_epochs']}: one whole number of epochs per size, n first, "
                  f"{args['doublings'] + 1} in all (--doublings {args['doublings']})")
     positive = ("rollouts", "k_samples", "beta", "beta_awr", "bok_k")
-    for name in ("eval_k", "n_train", "n_test", "val", "base_steps") + positive:
+    for name in ("eval_k", "n_train", "n_test", "val", "base_steps", "audit") + positive:
         if args[name] < 0 or (args[name] == 0 and name in positive):
             ap.error(f"--{name} {args[name]}: must be {'positive' if name in positive else '0 or more'}")
     for name in ("train", "test"):
@@ -3019,6 +3084,8 @@ def main(argv=None):
             if len(train) < (limit or 1) + cfg.val:
                 raise ValueError(f"{cfg.train}: --val {cfg.val} needs {(limit or 1) + cfg.val} problems, it has {len(train)}")
             train, val = train[:limit or len(train) - cfg.val], train[-cfg.val:]
+        if cfg.slips:  # the sloppy teacher's D_syn (validation and test keep their golds: only solutions change)
+            train = with_slips(train, cfg.slips)
         test = load_problems(cfg.test, cfg.n_test)
     except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, not a traceback
         raise SystemExit(f"error: {e}") from None

@@ -318,6 +318,24 @@ def test_bigstep_answers_cannot_be_guessed_and_its_teacher_takes_big_steps():
                for e in base for line in e["response"].split("\n")[:-1])             # one operation a line
 
 
+def test_the_sloppy_teachers_slips_cancel_and_the_truth_finds_them():
+    """--slips P: a share P of D_syn solutions carry two slips that cancel; the answer and every later line stay the
+    teacher's; first_wrong_step points at the first slip; the choice is deterministic."""
+    train = sn.load_problems(os.path.join(HERE, "data/bigstep/train.jsonl"), 2000)
+    slipped = sn.with_slips(train, 0.3)
+    assert slipped == sn.with_slips(train, 0.3) and sn.with_slips(train, 0.0) == train
+    changed = [(p, q) for p, q in zip(train, slipped) if p["response"] != q["response"]]
+    eligible = sum(len(p["response"].split("\n")) >= 3 for p in train)
+    assert 0.25 < len(changed) / eligible < 0.35
+    for p, q in changed:
+        a, b = p["response"].split("\n"), q["response"].split("\n")
+        assert a[2:] == b[2:] and sn.reward(q["response"], p["gold"]) == 1          # back on the chain, same answer
+        first, second = sn.TOY_STEP.fullmatch(b[0]), sn.TOY_STEP.fullmatch(b[1])
+        assert int(second[1]) == int(first[3]) != int(sn.TOY_STEP.fullmatch(a[0])[3])  # the next line reads the slip
+        assert sn.first_wrong_step(sn.split_steps(q["response"]), q["question"]) == 1
+    assert sn.has_toy_truth(slipped)  # the truth measurements stay on for the variant
+
+
 def test_reads_gsm8k_math_and_plain(tmp_path):
     f = tmp_path / "mixed.jsonl"
     f.write_text("\n".join(json.dumps(r) for r in [
@@ -881,6 +899,29 @@ def test_awr_examples_read_the_rollouts_as_step_advantages(tmp_path, monkeypatch
     # --value bok (K = 5): V = 1 - (1/2)^5 (x: 2 samples, the plug-in), 1 (7 of 8), 55/56 (3 of 8), 0, 0
     bok = sn.awr_examples(problems, negs, Q, wins, dataclasses.replace(cfg, value="bok", k_samples=2))
     assert [e["advantage"] for e in bok] == pytest.approx([1 / 32, -1 / 56, -55 / 56, 0.0, 1 / 56])
+
+
+def test_the_audit_flags_a_planted_spurious_step_in_a_correct_sample(tmp_path, monkeypatch):
+    """A correct sample whose second step kills its prefix (p0: no rollout finishes) and whose third revives it (p8):
+    A = 7/8 - 1/2, -7/8, +1, 0 -> only step 2 is flagged; a clean correct sample (p7, p6) is not."""
+    monkeypatch.setattr(sn, "generate", graded_generate)
+    monkeypatch.setattr(sn, "load_model", lambda cfg, path: (None, None))
+    problems = [{"question": "q0", "gold": "9", "response": None}]
+    spurious, clean = "a p7 step\nb p0 slip\nc p8 mend\nThe answer is 9", "d p7 first\nb p6 step\nThe answer is 9"
+    samples = [{"question": "q0", "gold": "9", "responses": [spurious, clean, "x\nThe answer is 1", clean],
+                "correct": [1, 1, 0, 1]}]
+    out = str(tmp_path / "run")
+    cfg = sn.Config(out=out, rollouts=8, audit=5)
+    os.makedirs(f"{out}/samples")
+    sn.write_jsonl(f"{out}/samples/samples.jsonl", samples)
+    sn.finish_stage(cfg, "samples", {})
+    res = sn.run_audit(cfg, problems, "unused")
+    rows = sn.read_jsonl(f"{out}/audit/steps.jsonl")
+    assert [(r["nid"], r["step"], r["advantage"], r["flagged"]) for r in rows] == [
+        (0, 1, 7 / 8 - 3 / 4, False), (0, 2, -7 / 8, True), (0, 3, 1.0, False), (0, 4, 0.0, False),
+        (1, 1, 7 / 8 - 3 / 4, False), (1, 2, -1 / 8, False), (1, 3, 2 / 8, False)]
+    assert (res["audited"], res["flagged_samples"], res["flagged_steps"]) == (2, 1, 1)
+    assert res["with_a_wrong_step"] == 0 and res["precision"] == 0.0  # "q0" has no truth: nothing is wrong by it
 
 
 def test_pass_at_k_and_majority_vote_on_scripted_samples(tmp_path, monkeypatch):
@@ -1686,7 +1727,7 @@ def test_cached_rows_are_redone_for_another_seed_or_length(tmp_path):
 
 
 # Every setting that changes what a stage computes must be refused against a folder made with another value.
-NOT_RESULTS = {"mode", "loss", "out", "device", "log_every", "ckpt_every", "doublings", "seeds", "size_epochs"}
+NOT_RESULTS = {"mode", "loss", "audit", "out", "device", "log_every", "ckpt_every", "doublings", "seeds", "size_epochs"}
 
 
 def test_every_result_setting_is_checked_against_an_existing_folder(tmp_path):
