@@ -2626,12 +2626,13 @@ def scaling_table(rows, credit, sizes, seconds, pooled=None):
         avg = lambda key: round(sum(r[key] for r in rs) / len(rs))  # noqa: E731
         fits = [r["multiplier"] for r in rs]
         fitted = mean_sd(fits) if None not in fits else f"n/a ({fits.count(None)} of {len(fits)} outside)"
-        pool = bracket_text(*pooled[method], n) if pooled and method in pooled else "-"
+        sft = method.startswith("sft")  # SFT's own rows: their fit only (a bracket against itself says nothing)
+        pool = bracket_text(*pooled[method], n) if pooled and method in pooled and not sft else "-"
         lines.append(f"| {method} | {rs[0]['problems']} | {mean_sd([r['accuracy'] for r in rs])} | "
-                     f"{' / '.join(bracket_text(r['beats'], r['trails'], n) for r in rs)} | {pool} | "
+                     f"{'-' if sft else ' / '.join(bracket_text(r['beats'], r['trails'], n) for r in rs)} | {pool} | "
                      f"{' / '.join(fit_text(r, sizes) for r in rs)} | {fitted} | {avg('samples')} | {avg('rollouts')} | "
                      f"{avg('tokens_sampled')} | {avg('tokens_trained')} |")
-        if not method.startswith("sft"):
+        if not sft:
             detail.append(f"- {method}: " + "; ".join(f"seed {r['seed']} beats {say(r['beats'])}, not {say(r['trails'])}"
                                                       for r in rs)
                           + (f"; pooled beats {say(pooled[method][0])}, not {say(pooled[method][1])}"
