@@ -1185,7 +1185,8 @@ def run_audit(cfg, train, sft_path):
         flagged = {r["nid"] for r in rows if r["flagged"]}
         spurious = {nid for nid, w in truth.items() if w}
         result = finish_stage(cfg, "audit", {
-            **acct, "asked": cfg.audit, "audited": len(right), "with_a_wrong_step": len(spurious), "flagged_samples": len(flagged),
+            **acct, "asked": cfg.audit, "audited": len(right), "with_a_wrong_step": len(spurious),
+            "flagged_samples": len(flagged),
             "flagged_steps": sum(r["flagged"] for r in rows),
             "precision": round(len(flagged & spurious) / len(flagged), 3) if flagged else None,
             "recall": round(len(flagged & spurious) / len(spurious), 3) if spurious else None,
@@ -1340,10 +1341,12 @@ def run_scaling(cfg, train, test, val=None):
         if toy:
             budget["per_step_oracle"] = (n, smp["samples"], 0, smp["sample_tokens"],
                                          sft_tok + stage_done(base, "per_step_oracle")["train_tokens"])
-        where = {"sft": base, "rft_budget": bud, **{f"sft_{m}": sub(f"n{m}", m) for m in sizes[1:]}}
-        right = {k: [r["correct"] for r in read_jsonl(f"{where.get(k, base).out}/eval_"
-                                                      f"{'sft' if k.startswith('sft') else 'rft' if k == 'rft_budget' else k}"
-                                                      "/responses.jsonl")] for k in budget}
+        where = {"sft": (base, "sft"), "rft_budget": (bud, "rft"),
+                 **{f"sft_{m}": (sub(f"n{m}", m), "sft") for m in sizes[1:]}}  # (folder, stage) of each eval
+        right = {}  # each model's 0/1 on the test problems, for the paired brackets
+        for k in budget:
+            c, stage = where.get(k, (base, k))
+            right[k] = [r["correct"] for r in read_jsonl(f"{c.out}/eval_{stage}/responses.jsonl")]
         sft = {m: right["sft" if m == n else f"sft_{m}"] for m in sizes}
         for method, (problems, samples, rollouts, sampled, trained) in budget.items():
             eq = equivalent_size(1 - acc[method], a, b)
@@ -1694,7 +1697,7 @@ def _normalize(s):
     s = re.sub(r"^(-?[\d.]+)\s*(\\times|\\cdot)\s*10\^\{?(-?\d+)\}?$", r"\1e\3", s)  # "1.5 \times 10^{3}" -> "1.5e3"
     s = re.sub(r"\s*(degrees?|percent|dollars?|units?|cents?)\s*$", "", s)
     s = re.sub(r"\\(frac|sqrt)\s*(\w)(\w)?", lambda m: f"\\{m[1]}{{{m[2]}}}" + (f"{{{m[3]}}}" if m[3] else ""), s)
-    s = re.sub(r"\\frac(\{(?:[^{}]|\{[^{}]*\})*\})\s*(\w)", r"\\frac\1{\2}", s)    # "\frac{270}7" -> "\frac{270}{7}" (MATH writes it)
+    s = re.sub(r"\\frac(\{(?:[^{}]|\{[^{}]*\})*\})\s*(\w)", r"\\frac\1{\2}", s)    # "\frac{270}7" (MATH's) -> "\frac{270}{7}"
     s = re.sub(r"\\frac\s*(\w)\{", r"\\frac{\1}{", s)                 # "\frac1{x}" -> "\frac{1}{x}"
     s = re.sub(r"_\{(\w+)\}", r"_\1", s)                         # "101_{2}" -> "101_2"
     if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s.replace(" ", "")) or \
@@ -2442,12 +2445,13 @@ def base_skill(model, tok, cfg, n=1000, seed=1):
     greedily: what the base holds. base.json records it for n = 1000; a test checks it on the shipped base."""
     lists = [{"question": r["question"], "gold": r["response"].rsplit(" ", 1)[-1]} for r in base_corpus(seed, n)]
     with tempfile.TemporaryDirectory() as d:
-        return evaluate(model, tok, lists, dataclasses.replace(cfg, eval_k=0), f"{d}/lists.jsonl", "base skill")["accuracy"]
+        return evaluate(model, tok, lists, dataclasses.replace(cfg, eval_k=0), f"{d}/lists.jsonl",
+                        "base skill")["accuracy"]
 
 
 def ship_base(cfg):
     """--mode make_data: train the default base (in OUT/make_data, resumable) and write it to data/bigstep/base with
-    its base.json. Same host and torch: the same bytes as before; another host: a base of the same quality, other bits."""
+    its base.json. Same host and torch: the same bytes as before; another host: the same quality, other bits."""
     bc = dataclasses.replace(Config(), out=f"{cfg.out}/make_data", device=cfg.device)
     check_out_folder(bc)
     path = run_base(bc, shipped=False).model
@@ -2457,7 +2461,8 @@ def ship_base(cfg):
     if os.path.exists(tmp):
         shutil.rmtree(tmp)
     shutil.copytree(path, tmp)
-    files = {f: {"bytes": os.path.getsize(f"{tmp}/{f}"), "sha256": sha256(f"{tmp}/{f}")} for f in sorted(os.listdir(tmp))}
+    files = {f: {"bytes": os.path.getsize(f"{tmp}/{f}"), "sha256": sha256(f"{tmp}/{f}")}
+             for f in sorted(os.listdir(tmp))}
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                "unknown") if os.path.exists("/proc/cpuinfo") else "unknown"
     info = {"settings": {k: getattr(bc, k) for k in BASE_KEYS}, "files": files,
@@ -2560,8 +2565,8 @@ def mean_sd(values):
 
 
 def seeds_table(runs):
-    """--seeds: each stage's test accuracy per seed with mean ± sd; each method's difference from SFT per seed, paired on
-    the same test problems (the mean of correct_method - correct_sft over problems, ± two standard errors of that
+    """--seeds: each stage's test accuracy per seed with mean ± sd; each method's difference from SFT per seed, paired
+    on the same test problems (the mean of correct_method - correct_sft over problems, ± two standard errors of that
     mean, paired()), and its mean over seeds ± two standard errors of that mean (from the seeds' spread).
     runs: {seed: cfg}"""
     seeds = list(runs)
@@ -2604,8 +2609,9 @@ def fit_text(r, sizes):
         return f"{r['multiplier']:.2f}"
     if r["fit_multiplier"] is None:
         return "n/a (SFT does not improve)"
-    past = r["fit_multiplier"] * sizes[0] > sizes[-1]
-    return f"{'>' if past else '<'} {(sizes[-1] if past else sizes[0]) / sizes[0]:g}x, {'past' if past else 'below'} the range"
+    if r["fit_multiplier"] * sizes[0] > sizes[-1]:
+        return f"> {sizes[-1] / sizes[0]:g}x, past the range"
+    return "< 1x, below the range"
 
 
 def scaling_table(rows, credit, sizes, seconds, pooled=None):
@@ -2613,9 +2619,10 @@ def scaling_table(rows, credit, sizes, seconds, pooled=None):
     problems pooled) and the fitted n'/n where it falls inside the measured sizes; then each bracket's paired
     differences with two standard errors, and the credit checks."""
     seeds, n = sorted({r["seed"] for r in rows}), sizes[0]
-    lines = [f"Multiplier as measured: the bracket between the largest SFT size a method beats on the test problems and the "
-             f"smallest it does not (x n = {n}; the paired differences below). The fit, SFT error = a + b ln(problems) on "
-             f"sizes {sizes}, gives n'/n only where n' lies inside them. Seeds {seeds}; wall {seconds / 60:.1f} min.", "",
+    lines = [f"Multiplier as measured: the bracket between the largest SFT size a method beats on the test problems "
+             f"and the smallest it does not (x n = {n}; the paired differences below). The fit, SFT error = a + b "
+             f"ln(problems) on sizes {sizes}, gives n'/n only where n' lies inside them. Seeds {seeds}; wall "
+             f"{seconds / 60:.1f} min.", "",
              "| method | problems | test acc | bracket, per seed | bracket, seeds pooled | fitted n'/n, per seed | fitted, "
              "mean ± sd | samples | rollouts | tokens sampled | tokens trained |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     detail = ["", "Paired differences from SFT on the same test problems (points, ± 2 SE): the largest size beaten, the "
