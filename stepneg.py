@@ -61,7 +61,8 @@ class Config:
     mode: str = "per_step"       # what to run (README: "Two commands"); bench_* are the benchmarks
     out: str = "out"             # every stage writes under here; a finished stage is reused on restart
     task: str = "bigstep"        # the embedded task: bigstep (a pretrained base; a teacher whose steps are too big for
-                                 # it) | arith (the first toy, learned from scratch) (README: "The embedded task")
+                                 # it) | arith (the first toy, learned from scratch) | star (the path-star graph: one
+                                 # token needs a plan) (README: "The embedded task", "The star graph")
     train: str = ""              # training problems (GSM8K, MATH or plain jsonl); D_syn = their solutions;
                                  # "" = data/TASK/train.jsonl
     test: str = ""               # test problems, same formats; "" = data/TASK/test.jsonl
@@ -71,7 +72,8 @@ class Config:
     device: str = "auto"         # cuda when there is one
     seed: int = 0                # every random choice (init, shuffles, sampling) follows it
     n_train: int = 2000          # training problems used by every stage (D_syn size n); 0 = all; --task arith: 1000;
-                                 # --mode scaling: 960 (8 x 960 and --val 300 fit the 8,000 shipped; arith: 500)
+                                 # --mode scaling: 960 (8 x 960 and --val 300 fit the 8,000 shipped; arith: 500);
+                                 # --task star: 7700
     n_test: int = 0              # test problems evaluated; 0 = all
     eval_k: int = 0              # > 0: also K samples per test problem at --temperature: pass@K and maj@K
     max_len: int = 256           # tokens per prompt+response; longer examples are truncated (and counted)
@@ -80,20 +82,21 @@ class Config:
                                  # hour (data/bigstep/README.md, item 11)
     n_layers: int = 4            # transformer blocks
     n_heads: int = 4             # attention heads
-    base_steps: int = 2000       # --task bigstep: optimizer steps pretraining the tiny model on the task's arithmetic
-                                 # (the base, shared by every method; with the shipped settings data/bigstep/base
-                                 # is loaded, others train their own); 0 = start from random weights
+    base_steps: int = 2000       # --task bigstep / star: optimizer steps pretraining the tiny model on the task's
+                                 # primitives (the base, shared by every method; with the shipped settings
+                                 # data/TASK/base is loaded, others train their own); star: 4000; 0 = random weights
     base_seed: int = 0           # the base's init, corpus and order: one base for every --seed, as the paper's seeds
                                  # all start from one pretrained LLM (README: "The main command")
     # SFT (and RFT, which reuses the SFT loop)
     sft_epochs: int = 16         # passes over D_syn (and, for RFT, over D_syn plus the kept samples); --mode scaling
-                                 # with --val: 12 (validation picks the checkpoint; README: "The multiplier")
+                                 # with --val: 12 (validation picks the checkpoint; README: "The multiplier"); --task
+                                 # star: 2 (more memorise the graphs: data/star/README.md)
     size_epochs: str = ""        # --mode scaling: SFT epochs per size, n first ("12,12,24,16"); empty: --sft_epochs
                                  # for every size. bigstep with --val: 12,12,24,16, each size's measured plateau
     sft_steps: int = 0           # > 0: every SFT and RFT run takes exactly this many optimizer steps, whatever its size
     val: int = 0                 # > 0: hold out the last VAL problems of --train; SFT and RFT evaluate on them 16 times
                                  # a run and keep their best checkpoint (a curve of data, not of steps); --mode
-                                 # scaling on bigstep: 300
+                                 # scaling on bigstep, and --task star: 300
     lr: float = 3e-3             # tiny model from scratch; use ~1e-5 for a pretrained 7B
     batch_size: int = 32         # examples (or pairs) per optimizer step, in every training loop
     micro_batch: int = 0         # > 0: run each batch in pieces this big, accumulating gradients (same update)
@@ -254,7 +257,7 @@ def make_toy_data(task="bigstep", seed=0, n_train=8000, n_test=500):
     """The shipped data/TASK/ files: distinct questions, test disjoint from train. Same seed, same bytes."""
     rng, seen, rows = random.Random(seed), set(), []
     while len(rows) < n_train + n_test:
-        p = (make_bigstep_problem if task == "bigstep" else make_problem)(rng)
+        p = {"bigstep": make_bigstep_problem, "arith": make_problem, "star": make_star_problem}[task](rng)
         if p["question"] not in seen:
             seen.add(p["question"])
             rows.append(p)
@@ -333,12 +336,15 @@ def extract_answer(text):
 @lru_cache(maxsize=100_000)
 def is_equiv(pred, gold):
     """Mathematical equality of two final answers. "1,000" == "1000"; "\\frac{1}{2}" == "0.5"; "(1, 2)" != "[1, 2]";
-    "x = 3" == "3"; "2, 1" == "1, 2" (a list of roots); "0.333" != "\\frac13"; "50\\%" == "50" == "0.5" only by percent.
-    None is never equal. Never raises: a malformed answer is just not equal."""
+    "x = 3" == "3"; "2, 1" == "1, 2" (a list of roots), but "5 > 2 > 1" != "5 > 1 > 2" (a path, --task star);
+    "0.333" != "\\frac13"; "50\\%" == "50" == "0.5" only by percent. None is never equal. Never raises: a malformed
+    answer is just not equal."""
     if pred is None or gold is None:
         return False
     try:
         pred, gold = str(pred)[:10_000], str(gold)[:10_000]
+        if _PATH.fullmatch(gold):  # a path (--task star): the same nodes in the same order
+            return bool(_PATH.fullmatch(pred)) and re.findall(r"\d+", pred) == re.findall(r"\d+", gold)
         a, b = _normalize(pred.replace("\\%", "").replace("%", "")), _normalize(gold.replace("\\%", "").replace("%", ""))
         if not a or not b:
             return False
@@ -359,6 +365,9 @@ def is_equiv(pred, gold):
         return False
 
 
+_PATH = re.compile(r"\s*\d+(\s*>\s*\d+){2,}\s*")  # 5 > 12 > 40: three or more labels (a relation has two)
+
+
 def reward(response, gold):
     """r(x, y) in {0, 1}."""
     return int(is_equiv(extract_answer(response), gold))
@@ -373,16 +382,22 @@ TOY_WORDS = NAMES + ITEMS + ("has buys finds gets more. gives away loses sells d
                              "half a third quarter of How many now? The answer is").split()
 
 
-def tiny_tokenizer():
+def tiny_tokenizer(task="bigstep"):
     """A tokenizer built offline for the toy: byte-level BPE whose only merges spell the toy's fixed words (names,
     items, verbs, " + ", " = ", "Question:", ...) as single tokens; digits stay one per token (a tiny model adds better
-    digit by digit); anything else falls back to bytes. Plus <pad>, <s>, </s>. A toy example is 52 tokens, 149 bytes."""
+    digit by digit); anything else falls back to bytes. Plus <pad>, <s>, </s>. A toy example is 52 tokens, 149 bytes.
+    --task star adds its words and each node label with its arrow ("12 > ") or without ("12") as one token: an edge is
+    two tokens, so looking one up is the plainest copy a transformer learns (find this token, copy the next)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>"] + alphabet)}
     merges = []
-    for word in ["Ġ" + w for w in TOY_WORDS] + ["Ġ" + op + "Ġ" for op in "+-*/="] + ["Question:", "Answer:", "The"]:
+    words = ["Ġ" + w for w in TOY_WORDS] + ["Ġ" + op + "Ġ" for op in "+-*/="] + ["Question:", "Answer:", "The"]
+    if task == "star":
+        labels = range(1, STAR["labels"] + 1)
+        words += ["ĠEdges:", "ĠPath", "Ġfrom", "Ġto", "ĠFollow", ",Ġ"] + [str(v) for v in labels] + [f"{v}Ġ>Ġ" for v in labels]
+    for word in words:
         for i in range(1, len(word)):
             if word[:i + 1] not in vocab:
                 vocab[word[:i + 1]] = len(vocab)
@@ -402,7 +417,7 @@ def load_model(cfg, path):
     if device == "cuda":  # cuDNN attention plans each new sequence length anew, and decoding makes one every step:
         torch.backends.cuda.enable_cudnn_sdp(False)  # (README: "Speed")
     if path == "tiny":
-        tok = tiny_tokenizer()
+        tok = tiny_tokenizer(cfg.task)
         torch.manual_seed(cfg.seed)
         mc = LlamaConfig(vocab_size=len(tok), hidden_size=cfg.d_model, intermediate_size=3 * cfg.d_model,
                          num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
@@ -984,12 +999,17 @@ def evaluate(model, tok, problems, cfg, path, desc):
             vote = majority(preds)
             records[-1].update({"k_preds": preds, "k_correct": right, f"pass@{K}": pass_at_k(K, right, K),
                                 "majority": vote, f"maj@{K}": int(is_equiv(vote, p["gold"]))})
+    star = star_graph(problems[0]["question"])  # --task star: the planning token and the look-ups, apart
+    for p, r in zip(problems, records if star else []):
+        r["first_edge"] = int(star_edges_report([p], [r["response"]])["first_edge"])
     write_jsonl(path, records)
     n = len(records)
     result = {"accuracy": sum(r["correct"] for r in records) / n, "unparsable": sum(r["pred"] is None for r in records),
               "n_test": n}
     for key in ([f"pass@{K}", f"maj@{K}"] if K else []):
         result[key] = sum(r[key] for r in records) / n
+    if star:
+        result.update(star_edges_report(problems, [r["response"] for r in records]))
     return result
 
 
@@ -1023,20 +1043,22 @@ def run_base(cfg, shipped=True):
     """The pretrained base every method starts from (--task bigstep with --model tiny), as the paper's methods all start
     from one pretrained LLM: the tiny model trained for --base_steps on fresh lists of the task's operations, in
     symbols or in the task's phrases, solved one operation a line, each seen once (base_corpus) -- the primitive
-    skills, never a word problem. It follows --base_seed, not --seed: every seed starts from the same base. With the
-    shipped settings it is data: data/bigstep/base (--mode make_data writes it), checked, not trained; other settings
-    (--d_model, --base_steps, ...) train one of their own in out/base. -> cfg with --model pointing at it."""
-    if cfg.task != "bigstep" or cfg.model != "tiny" or not cfg.base_steps:
+    skills, never a word problem (--task star: chains to follow, star_base_corpus). It follows --base_seed, not --seed:
+    every seed starts from the same base. With the shipped settings it is data: data/TASK/base (--mode make_data
+    writes it), checked, not trained; other settings (--d_model, --base_steps, ...) train one of their own in
+    out/base. -> cfg with --model pointing at it."""
+    if cfg.task not in ("bigstep", "star") or cfg.model != "tiny" or not cfg.base_steps:
         return cfg
     if shipped and shipped_base_fits(cfg):
-        return dataclasses.replace(cfg, model=SHIPPED_BASE)
+        return dataclasses.replace(cfg, model=SHIPPED_BASE[cfg.task])
     path = f"{cfg.out}/base/model"
     if not stage_done(cfg, "base"):
         t0 = time.time()
         bc = dataclasses.replace(cfg, seed=cfg.base_seed, sft_steps=cfg.base_steps)
         model, tok = load_model(bc, "tiny")
         os.makedirs(f"{cfg.out}/base", exist_ok=True)
-        res = train_sft(model, tok, base_corpus(bc.seed, cfg.base_steps * cfg.batch_size), bc, 1, cfg.lr, "base",
+        corpus = (star_base_corpus if cfg.task == "star" else base_corpus)(bc.seed, cfg.base_steps * cfg.batch_size)
+        res = train_sft(model, tok, corpus, bc, 1, cfg.lr, "base",
                         f"{cfg.out}/base/train_state.pt")
         save_model(model, tok, path)
         finish_stage(cfg, "base", {**res, "wall_s": round(time.time() - t0, 1)})
@@ -1177,7 +1199,7 @@ def run_audit(cfg, train, sft_path):
         rows, truth = [], {}
         for n in right:
             q, question = Q[n["nid"]], train[n["pid"]]["question"]
-            truth[n["nid"]] = first_wrong_step(n["steps"], question) if toy_chain(question) else None
+            truth[n["nid"]] = first_wrong_step(n["steps"], question) if has_truth(question) else None
             rows += [{"pid": n["pid"], "nid": n["nid"], "step": i, "text": n["steps"][i - 1],
                       "advantage": q[i] - q[i - 1], "flagged": q[i] - q[i - 1] < AUDIT_BELOW,
                       "first_wrong": truth[n["nid"]] == i} for i in range(1, len(q))]
@@ -1206,7 +1228,9 @@ def run_eval(cfg, test, name, model_path):
         result = evaluate(model, tok, test, cfg, f"{cfg.out}/eval_{name}/responses.jsonl", f"eval {name}")
         result = finish_stage(cfg, f"eval_{name}", {**result, "model": model_path, "wall_s": round(time.time() - t0, 1)})
     k = "".join(f", {key} {result[key]:.3f}" for key in (f"pass@{cfg.eval_k}", f"maj@{cfg.eval_k}") if key in result)
-    print(f"eval {name}: accuracy {result['accuracy']:.3f}{k} ({result['n_test']} problems, "
+    star = f", first edge {result['first_edge']:.3f}, later edges follow the graph {result['follows_graph']:.3f}" \
+        if "first_edge" in result else ""
+    print(f"eval {name}: accuracy {result['accuracy']:.3f}{k}{star} ({result['n_test']} problems, "
           f"{result['unparsable']} unparsable)")
     return result
 
@@ -1225,11 +1249,18 @@ def run_pipeline(cfg, train, test, stages, val=None):
         results["per_step"] = run_eval(cfg, test, "per_step", run_dpo(cfg, train, sft, "per_step"))
     if "per_step" in stages and cfg.loss in ("awr", "both"):
         results["per_step_awr"] = run_eval(cfg, test, "per_step_awr", run_awr(cfg, train, sft))
+    if "per_step_oracle" in stages:  # --task star --mode all: per-step DPO on the true pits, beside the rollouts'
+        results["per_step_oracle"] = run_eval(cfg, test, "per_step_oracle", run_dpo(cfg, train, sft, "per_step_oracle"))
     if cfg.audit:
         run_audit(cfg, train, sft)
     print("\n" + summary(cfg, list(results)))
     if "per_step" in results:
         print("\nOne negative, step by step (per_step/example.md):\n" + worked_example(cfg, train))
+        if has_toy_truth(train[:1]):
+            truth = pits_vs_truth(cfg, train)
+            write_text(f"{cfg.out}/per_step/truth.json", json.dumps(truth, indent=1) + "\n")
+            print(f"\nThe pits against the task's truth: {truth['pit_is_first_wrong_step']:.1%} on the first wrong "
+                  f"step; pits at {truth['pit_histogram']}, first wrong steps at {truth['first_wrong_histogram']}")
     return results
 
 
@@ -1244,6 +1275,8 @@ def run_seeds(cfg, train, test, stages, val=None):
         check_out_folder(runs[seed])
         results[seed] = run_pipeline(runs[seed], train, test, stages, val)
     text = seeds_table(runs)
+    if cfg.task == "star":  # the planning token alone: 1/degree by guessing
+        text += "\n\n" + seeds_table(runs, "first_edge", f"First edge right (1/{STAR['degree']} by guessing)")
     write_text(f"{cfg.out}/seeds.md", text + "\n")
     print(f"\n{text}\n\n(also in {cfg.out}/seeds.md)")
     return results
@@ -1420,6 +1453,81 @@ def make_problem(rng):
     return {"question": " ".join(sentences), "answer": str(value), "response": "\n".join(lines + [f"The answer is {value}"])}
 
 
+STAR = {"degree": 2, "arm": 3, "labels": 50}  # --task star's graphs (data/star/README.md: the screens that chose it)
+STAR_Q = re.compile(r"Edges: (.*)\. Path from (\d+) to (\d+)\?")
+
+
+def make_star_problem(rng, degree=None, arm=None, labels=None):
+    """--task star: the path-star graph of Bachmann & Nagarajan (2024), the paper's picture of why per-step credit
+    helps. `degree` arms of `arm` edges leave a start node; every label is drawn fresh per graph from 1..labels; the
+    edge list is shuffled; the question asks for the path from the start to the end of one arm. Every edge after the
+    first is a look-up (the one edge leaving the previous node); the first needs a plan (which arm ends at the goal).
+    -> {"question": "Edges: 7 > 31, 12 > 40, 5 > 7, 40 > 3, 5 > 12, 31 > 9. Path from 5 to 3?",
+        "answer": "5 > 12 > 40 > 3", "response": "5 > 12\n12 > 40\n40 > 3\nThe answer is 5 > 12 > 40 > 3"}"""
+    degree, arm, labels = degree or STAR["degree"], arm or STAR["arm"], labels or STAR["labels"]
+    nodes = rng.sample(range(1, labels + 1), 1 + degree * arm)
+    start, arms = nodes[0], [nodes[1 + a * arm:1 + (a + 1) * arm] for a in range(degree)]
+    edges = [(u, v) for a in arms for u, v in zip([start] + a, a)]
+    rng.shuffle(edges)
+    path = [start] + rng.choice(arms)
+    return {"question": star_question(edges, start, path[-1]), "answer": " > ".join(map(str, path)),
+            "response": star_solution(path)}
+
+
+def star_question(edges, start, goal):
+    return "Edges: " + ", ".join(f"{u} > {v}" for u, v in edges) + f". Path from {start} to {goal}?"
+
+
+def star_solution(path):
+    """One edge a line, then the path: [5, 12, 40] -> "5 > 12\n12 > 40\nThe answer is 5 > 12 > 40"."""
+    return "\n".join([f"{u} > {v}" for u, v in zip(path, path[1:])] + ["The answer is " + " > ".join(map(str, path))])
+
+
+def star_base_corpus(seed, n):
+    """What the star learner is pretrained on (the primitive: looking an edge up in a list): fresh graphs of as many
+    edges as the task's, but one arm (a chain, shuffled), to follow from its start: every step a look-up, no plan.
+    -> [{"question": "Edges: 40 > 3, 5 > 7, 12 > 40, 7 > 31, 31 > 12, 3 > 9. Follow from 5.",
+         "response": "5 > 7\n7 > 31\n...\nThe answer is 5 > 7 > 31 > 12 > 40 > 3 > 9"}]"""
+    rng, rows = random.Random(seed), []
+    for _ in range(n):
+        p = make_star_problem(rng, degree=1, arm=STAR["degree"] * STAR["arm"])
+        start = p["answer"].split(" > ")[0]
+        rows.append({"question": p["question"].split(". Path")[0] + f". Follow from {start}.", "response": p["response"]})
+    return rows
+
+
+def star_graph(question):
+    """A star question read back: ([(u, v)], start, goal), or None for any other question."""
+    m = STAR_Q.fullmatch(question)
+    if not m:
+        return None
+    return [tuple(map(int, e.split(" > "))) for e in m[1].split(", ")], int(m[2]), int(m[3])
+
+
+def star_path(question):
+    """The true path of a star question: from the goal back along its parents to the start."""
+    edges, start, goal = star_graph(question)
+    parent, path = {v: u for u, v in edges}, [goal]
+    while path[-1] != start:
+        path.append(parent[path[-1]])
+    return [str(v) for v in reversed(path)]
+
+
+def star_edges_report(problems, responses):
+    """How a model's star answers go wrong: the first edge right (the planning token: 1/degree by guessing), and every
+    later edge that follows the graph from the model's own previous node (the look-up, Clever Hans' shortcut).
+    -> {"first_edge": share of problems, "follows_graph": share of later edge lines}"""
+    first = follow = later = 0
+    for p, text in zip(problems, responses):
+        edges, path = set(star_graph(p["question"])[0]), star_path(p["question"])
+        lines = [re.fullmatch(r"(\d+) > (\d+)", line.strip()) for line in text.split("\n")]
+        lines = [(int(m[1]), int(m[2])) for m in lines if m]
+        first += bool(lines) and lines[0] == (int(path[0]), int(path[1]))
+        for (_, prev), (u, v) in zip(lines, lines[1:]):
+            later, follow = later + 1, follow + (u == prev and (u, v) in edges)
+    return {"first_edge": round(first / max(1, len(problems)), 4), "follows_graph": round(follow / max(1, later), 4)}
+
+
 TOY_SENTENCE = re.compile(r"(buys|finds|gets) (\d+) more|(gives away|loses|sells) (\d+)\.|(doubles|triples|quadruples) "
                           r"them|keeps (half|a third|a quarter) of")
 TOY_STEP = re.compile(r"(-?\d+)((?: [-+*/] \d+)+) = (-?\d+)\n?")
@@ -1444,16 +1552,32 @@ def toy_chain(question):
     return int(start[1]), ops
 
 
+def has_truth(question):
+    """Does this question come from an embedded task, whose every step can be checked?"""
+    return bool(toy_chain(question) or star_graph(question))
+
+
 def has_toy_truth(problems):
-    """An embedded task's problems: every question reads as a chain whose value is the gold (--slips keeps that)."""
-    return all(toy_chain(p["question"]) and p["response"] and reward(p["response"], p["gold"]) for p in problems)
+    """An embedded task's problems: every question reads as a chain (or a star graph) whose value is the gold, and its
+    D_syn solution reaches it (--slips keeps that)."""
+    return all(has_truth(p["question"]) and p["response"] and reward(p["response"], p["gold"]) for p in problems)
 
 
 def first_wrong_step(steps, question):
     """The truth on an embedded task: the first step (1-based) that is wrong, or None if none is. A step is right when
     it starts from the running value, applies the question's next operation in order (or a run of +/- operations in
     one line, which reads the same left to right) and computes it exactly; the last step must be "The answer is"
-    the final value, after every operation."""
+    the final value, after every operation. On the star task: the first line that is not the true path's next edge
+    (the last must be "The answer is" the path)."""
+    if star_graph(question):
+        path = star_path(question)
+        for i, step in enumerate(steps):
+            if step.strip() != (f"{path[i]} > {path[i + 1]}" if i < len(path) - 1 else
+                                "The answer is " + " > ".join(path)):
+                return i + 1
+            if i == len(path) - 1:
+                return None if i == len(steps) - 1 else i + 2
+        return len(steps) + 1
     value, ops = toy_chain(question)
     done = 0
     for i, step in enumerate(steps):
@@ -1473,7 +1597,10 @@ def first_wrong_step(steps, question):
 
 
 def exact_rest(question, prefix):
-    """The exact solution after a right prefix of steps, one operation a line (what the oracle prefers)."""
+    """The exact solution after a right prefix of steps, one operation (or edge) a line (what the oracle prefers)."""
+    if star_graph(question):
+        path = star_path(question)
+        return "\n".join(star_solution(path).split("\n")[len(prefix):])
     value, ops = toy_chain(question)
     done = 0
     for step in prefix:
@@ -1509,6 +1636,22 @@ def response_logps(model, tok, items, cfg):
     return out
 
 
+def pits_vs_truth(cfg, train):
+    """Where per-step's pits fell, against the first wrong step of each negative by the task's truth."""
+    pairs = read_jsonl(f"{cfg.out}/per_step/pairs.jsonl")
+    negs = {n["nid"]: n for n in collect_negatives(train, read_jsonl(f"{cfg.out}/samples/samples.jsonl"),
+                                                    cfg.max_negatives)}
+    truth = [first_wrong_step(split_steps(negs[p["nid"]]["response"], cfg.step_cap), train[p["pid"]]["question"])
+             for p in pairs]
+    n, pits = max(1, len(pairs)), [p["pit"] for p in pairs]
+    return {"pairs": len(pairs), "truth": truth,
+            "pit_is_first_wrong_step": round(sum(c == p for c, p in zip(truth, pits)) / n, 3),
+            "pit_after_first_wrong_step": round(sum(c is not None and c < p for c, p in zip(truth, pits)) / n, 3),
+            "pit_on_a_right_step": round(sum(c is None or c > p for c, p in zip(truth, pits)) / n, 3),
+            "pit_histogram": {str(c): pits.count(c) for c in sorted(set(pits))},
+            "first_wrong_histogram": {str(c): truth.count(c) for c in sorted(set(truth), key=str)}}
+
+
 def credit_report(cfg, train):
     """On the embedded task the first wrong step of every solution is computable, so the rollout credit can be
     checked against the truth: how often the pit is the first wrong step, whether M fresh rollouts from the pit
@@ -1519,7 +1662,7 @@ def credit_report(cfg, train):
     pairs = read_jsonl(f"{cfg.out}/per_step/pairs.jsonl")
     negs = {n["nid"]: n for n in collect_negatives(train, read_jsonl(f"{cfg.out}/samples/samples.jsonl"),
                                                     cfg.max_negatives)}
-    truth = [first_wrong_step(split_steps(negs[p["nid"]]["response"], cfg.step_cap), train[p["pid"]]["question"]) for p in pairs]
+    pits = pits_vs_truth(cfg, train)
     # re-estimate: M fresh rollouts (another seed) from each pit prefix x + y_{1:c}; agreement = none succeeds
     sft, tok = load_model(cfg, f"{cfg.out}/sft/model")
     prefixes = ["".join(split_steps(negs[p["nid"]]["response"], cfg.step_cap)[:p["pit"]]) for p in pairs]
@@ -1550,11 +1693,7 @@ def credit_report(cfg, train):
             before, after = response_logps(sft, tok, items, cfg), response_logps(ps, tok, items, cfg)
             shift[name] = round(sum(a - b for a, b in zip(after, before)) / len(items), 3)
     n = max(1, len(pairs))
-    return {"pairs": len(pairs), "pit_is_first_wrong_step": round(sum(c == p["pit"] for c, p in zip(truth, pairs)) / n, 3),
-            "pit_after_first_wrong_step": round(sum(c is not None and c < p["pit"] for c, p in zip(truth, pairs)) / n, 3),
-            "pit_on_a_right_step": round(sum(c is None or c > p["pit"] for c, p in zip(truth, pairs)) / n, 3),
-            "pit_histogram": (stage_done(cfg, "per_step") or {}).get("pit_histogram", {}),
-            "first_wrong_histogram": {str(c): truth.count(c) for c in sorted(set(truth), key=str)},
+    return {**{k: v for k, v in pits.items() if k != "truth"},
             "reestimate_agrees": round(sum(dead) / n, 3),
             "success_after_a_wrong_step": round(sum(recover) / max(1, len(recover)), 3),
             "correct_samples_with_wrong_step": round(sum(is_spurious(*c) for c in correct) / max(1, len(correct)), 3),
@@ -2398,13 +2537,14 @@ def optimizer_step(opt, sched):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-SHIPPED_BASE = "data/bigstep/base"
+SHIPPED_BASE = {"bigstep": "data/bigstep/base", "star": "data/star/base"}
+BASE_STEPS = {"bigstep": 2000, "star": 4000}  # each task's default --base_steps (the star's look-up comes late: README)
 BASE_KEYS = ("d_model", "n_layers", "n_heads", "base_steps", "base_seed", "batch_size", "lr", "sort_len", "lora_rank")
-REBUILD = "rebuild it with: python stepneg.py --mode make_data (it retrains the base: about 3 minutes on 2 CPU cores)"
+REBUILD = "rebuild it with: python stepneg.py --mode make_data (it retrains the bases: about 10 minutes on 2 CPU cores)"
 
 
 def hint_rebuild(path):
-    return f"; {REBUILD}" if os.path.abspath(path) == os.path.abspath(SHIPPED_BASE) else ""
+    return f"; {REBUILD}" if os.path.abspath(path) in map(os.path.abspath, SHIPPED_BASE.values()) else ""
 
 
 def sha256(path):
@@ -2417,10 +2557,10 @@ def shipped_base_fits(cfg):
     (False: other settings train a base of their own). Before saying True, every shipped file is checked against its
     recorded size and sha256: a missing or damaged base stops with the file's name and the command that rebuilds it,
     never a silent start from other weights."""
-    mine = {k: getattr(cfg, k) for k in BASE_KEYS}
-    manifest = f"{SHIPPED_BASE}/base.json"
+    mine, shipped = {k: getattr(cfg, k) for k in BASE_KEYS}, SHIPPED_BASE[cfg.task]
+    manifest = f"{shipped}/base.json"
     if not os.path.exists(manifest):
-        if mine == {k: getattr(Config, k) for k in BASE_KEYS}:  # the default settings: the base should be shipped
+        if mine == {**{k: getattr(Config, k) for k in BASE_KEYS}, "base_steps": BASE_STEPS[cfg.task]}:  # the defaults
             raise SystemExit(f"error: {manifest}: missing, so the shipped base cannot be checked; {REBUILD}")
         return False
     try:
@@ -2431,7 +2571,7 @@ def shipped_base_fits(cfg):
     if settings != mine:
         return False
     for name, want in files.items():
-        path = f"{SHIPPED_BASE}/{name}"
+        path = f"{shipped}/{name}"
         if not os.path.exists(path):
             raise SystemExit(f"error: {path}: missing from the shipped base; {REBUILD}")
         if os.path.getsize(path) != want["bytes"] or sha256(path) != want["sha256"]:
@@ -2441,23 +2581,27 @@ def shipped_base_fits(cfg):
 
 
 def base_skill(model, tok, cfg, n=1000, seed=1):
-    """The share of n fresh operation lists (base_corpus, another seed than the base's own) the model answers right,
-    greedily: what the base holds. base.json records it for n = 1000; a test checks it on the shipped base."""
-    lists = [{"question": r["question"], "gold": r["response"].rsplit(" ", 1)[-1]} for r in base_corpus(seed, n)]
+    """The share of n fresh operation lists (base_corpus, another seed than the base's own; --task star: chains to
+    follow) the model answers right, greedily: what the base holds. base.json records it for n = 1000; a test checks
+    it on the shipped base."""
+    corpus = star_base_corpus(seed, n) if cfg.task == "star" else base_corpus(seed, n)
+    lists = [{"question": r["question"], "gold": r["response"].split("The answer is ")[-1]} for r in corpus]
     with tempfile.TemporaryDirectory() as d:
         return evaluate(model, tok, lists, dataclasses.replace(cfg, eval_k=0), f"{d}/lists.jsonl",
                         "base skill")["accuracy"]
 
 
-def ship_base(cfg):
-    """--mode make_data: train the default base (in OUT/make_data, resumable) and write it to data/bigstep/base with
+def ship_base(cfg, task="bigstep"):
+    """--mode make_data: train a task's default base (in OUT/make_data, resumable) and write it to data/TASK/base with
     its base.json. Same host and torch: the same bytes as before; another host: the same quality, other bits."""
-    bc = dataclasses.replace(Config(), out=f"{cfg.out}/make_data", device=cfg.device)
+    bc = dataclasses.replace(Config(), task=task, base_steps=BASE_STEPS[task], device=cfg.device,
+                             out=f"{cfg.out}/make_data" + ("" if task == "bigstep" else f"_{task}"))
     check_out_folder(bc)
     path = run_base(bc, shipped=False).model
     model, tok = load_model(bc, path)
     skill = base_skill(model, tok, bc)
-    tmp = SHIPPED_BASE + ".tmp"
+    shipped = SHIPPED_BASE[task]
+    tmp = shipped + ".tmp"
     if os.path.exists(tmp):
         shutil.rmtree(tmp)
     shutil.copytree(path, tmp)
@@ -2466,13 +2610,14 @@ def ship_base(cfg):
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                "unknown") if os.path.exists("/proc/cpuinfo") else "unknown"
     info = {"settings": {k: getattr(bc, k) for k in BASE_KEYS}, "files": files,
-            "fresh_lists_right": skill, "trained_on": f"{cpu}, torch {torch.__version__}",
+            "fresh_lists_right": skill, "trained_on": f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}",
             "train_s": stage_done(bc, "base")["wall_s"]}
     write_text(f"{tmp}/base.json", json.dumps(info, indent=1) + "\n")
-    if os.path.exists(SHIPPED_BASE):
-        shutil.rmtree(SHIPPED_BASE)
-    os.replace(tmp, SHIPPED_BASE)
-    print(f"wrote {SHIPPED_BASE} (the base: {skill:.1%} of 1,000 fresh operation lists answered greedily)")
+    if os.path.exists(shipped):
+        shutil.rmtree(shipped)
+    os.replace(tmp, shipped)
+    print(f"wrote {shipped} (the base: {skill:.1%} of 1,000 fresh {'chains' if task == 'star' else 'operation lists'} "
+          "answered greedily)")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -2564,24 +2709,25 @@ def mean_sd(values):
     return f"{m:.3g} ± {sd:.2g}" if len(values) > 1 else f"{m:.3g}"
 
 
-def seeds_table(runs):
+def seeds_table(runs, key="correct", what="Test accuracy"):
     """--seeds: each stage's test accuracy per seed with mean ± sd; each method's difference from SFT per seed, paired
     on the same test problems (the mean of correct_method - correct_sft over problems, ± two standard errors of that
     mean, paired()), and its mean over seeds ± two standard errors of that mean (from the seeds' spread).
-    runs: {seed: cfg}"""
+    runs: {seed: cfg}; key: the per-problem score read from each eval's responses (--task star: also first_edge)"""
     seeds = list(runs)
     names = [n for n in ("sft", "rft", "dpo", "per_step", "per_step_awr", "per_step_oracle")
              if all(stage_done(c, f"eval_{n}") for c in runs.values())]
-    right = {(s, n): [r["correct"] for r in read_jsonl(f"{runs[s].out}/eval_{n}/responses.jsonl")] for s in seeds
+    right = {(s, n): [r[key] for r in read_jsonl(f"{runs[s].out}/eval_{n}/responses.jsonl")] for s in seeds
              for n in names}
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     sd = lambda xs: (sum((x - mean(xs)) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0  # noqa: E731
     cols = " | ".join(f"seed {s}" for s in seeds)
-    lines = [f"Test accuracy (%) on {len(right[seeds[0], 'sft'])} problems; each seed's run in seed<S>/, every one from "
-             "the same start.", "", f"| stage | {cols} | mean ± sd |", "|---|" + "---|" * (len(seeds) + 1)]
+    lines = [f"{what} (%) on {len(right[seeds[0], 'sft'])} problems; each seed's run in seed<S>/, every one from "
+             "the same start.", "", f"| stage | {cols} | mean ± sd | ± 2 SE |", "|---|" + "---|" * (len(seeds) + 2)]
     for n in names:
         accs = [100 * mean(right[s, n]) for s in seeds]
-        lines.append(f"| {n} | " + " | ".join(f"{a:.1f}" for a in accs) + f" | {mean(accs):.1f} ± {sd(accs):.1f} |")
+        lines.append(f"| {n} | " + " | ".join(f"{a:.1f}" for a in accs) + f" | {mean(accs):.1f} ± {sd(accs):.1f} | "
+                     f"{2 * sd(accs) / len(accs) ** 0.5:.1f} |")
     if len(names) > 1:
         lines += ["", "Difference from SFT (points), paired on the same test problems, ± two standard errors:", "",
                   f"| method | {cols} | mean ± 2 SE over seeds |", "|---|" + "---|" * (len(seeds) + 1)]
@@ -2768,9 +2914,11 @@ def summary(cfg, names):
 def worked_example(cfg, train):
     """Credit assignment on one negative of this run's own data, as a reader wants to see it: the question, the
     negative's steps, Q-hat of every prefix with its rollout counts, the pit and why, and the pair it became (and, on
-    an embedded task, the true first wrong step). The first pair whose pit is at step 2 or later. -> markdown"""
+    an embedded task, the true first wrong step). The first pair whose pit is at step 2 or later (--task star: the
+    first pair). -> markdown"""
     pairs = read_jsonl(f"{cfg.out}/per_step/pairs.jsonl")
-    pair = next((p for p in pairs if p["pit"] >= 2), pairs[0] if pairs else None)
+    first = 1 if star_graph(train[0]["question"]) else 2  # the star graph's pit is its first edge; bigstep's later
+    pair = next((p for p in pairs if p["pit"] >= first), pairs[0] if pairs else None)
     if pair is None:
         return ""
     prob, M, c = train[pair["pid"]], cfg.rollouts, pair["pit"]
@@ -2788,10 +2936,10 @@ def worked_example(cfg, train):
     why = (f"the first prefix from which no rollout reaches the answer (Q-hat_{c} = 0, Q-hat_{c - 1} = {q[c - 1]:.2f})"
            if cfg.credit == "first_pit" else f"the largest drop in Q-hat ({q[c - 1]:.2f} -> {q[c]:.2f})")
     lines += ["", f"Pit: step {c}, {why}."]
-    if toy_chain(prob["question"]):
+    if has_truth(prob["question"]):
         lines.append(f"The task's truth: the first wrong step is step {first_wrong_step(steps, prob['question'])}.")
     lines += ["", "The pair it became (DPO raises chosen over rejected, after the same prompt):",
-              f"- prompt ends: ...{show(pair['prompt'].split('Answer:')[-1])[-60:] or 'Answer:'}",
+              f"- prompt ends: ...{show(pair['prompt'].split('Answer:')[-1])[-60:] if c > 1 else 'Answer:'}",
               f"- chosen:   {show(pair['chosen'])}", f"- rejected: {show(pair['rejected'])}"]
     text = "\n".join(lines)
     write_text(f"{cfg.out}/per_step/example.md", text + "\n")
@@ -2807,7 +2955,7 @@ CHOICES = {"mode": ("make_data", "synth", "sft", "rft", "dpo", "per_step", "eval
                     "bench_dpo", "bench_shapes"),
            "device": ("auto", "cpu", "cuda"), "credit": ("first_pit", "min_advantage"), "value": ("mean", "bok"),
            "pair_form": ("step", "full"),
-           "loss": ("dpo", "awr", "both"), "task": ("bigstep", "arith")}
+           "loss": ("dpo", "awr", "both"), "task": ("bigstep", "arith", "star")}
 
 
 def parse_config(argv=None):
@@ -2820,25 +2968,30 @@ def parse_config(argv=None):
         if f.type is bool or f.type == "bool":
             g.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"), default=f.default,
                            metavar="true|false", help=text)
-        else:  # these four defaults depend on the mode (below)
-            late = f.name in ("n_train", "val", "sft_epochs", "seeds")
+        else:  # these defaults depend on the mode or task (below)
+            late = f.name in ("n_train", "val", "sft_epochs", "seeds", "loss", "base_steps")
             g.add_argument(f"--{f.name}", type=type(f.default), default=None if late else f.default,
                            choices=CHOICES.get(f.name), metavar=type(f.default).__name__.upper() if f.name not in CHOICES
                            else None, help=text)
     args = vars(ap.parse_args(argv))
     scaling = args["mode"] == "scaling"  # it trains SFT on up to 2^doublings n problems, so its n is smaller
     if args["n_train"] is None:
-        args["n_train"] = {"arith": 500 if scaling else 1000, "bigstep": 960 if scaling else Config.n_train}[args["task"]]
-    if args["val"] is None:  # scaling trains every SFT and RFT to its best on held-out problems
-        args["val"] = 300 if scaling and args["task"] == "bigstep" else 0
+        args["n_train"] = {"arith": 500 if scaling else 1000, "bigstep": 960 if scaling else Config.n_train,
+                           "star": 960 if scaling else 7700}[args["task"]]  # star: every graph but --val's
+    if args["val"] is None:  # scaling trains every SFT and RFT to its best on held-out problems (as does the star)
+        args["val"] = 300 if (scaling and args["task"] == "bigstep") or args["task"] == "star" else 0
     if args["sft_epochs"] is None and scaling and args["val"]:  # validation picks each size's checkpoint; n and 2n
         args["sft_epochs"] = 12                                     # stop gaining by 12 epochs, 4n and 8n later (README)
         if args["task"] == "bigstep" and args["doublings"] == 3 and not args["size_epochs"]:
             args["size_epochs"] = "12,12,24,16"
     if args["sft_epochs"] is None:
-        args["sft_epochs"] = Config.sft_epochs
+        args["sft_epochs"] = 2 if args["task"] == "star" else Config.sft_epochs
     if args["seeds"] is None:
         args["seeds"] = 3 if scaling else Config.seeds
+    if args["base_steps"] is None:
+        args["base_steps"] = BASE_STEPS.get(args["task"], Config.base_steps)
+    if args["loss"] is None:  # the star graph's table has AWR beside per-step DPO
+        args["loss"] = "both" if args["task"] == "star" else Config.loss
     if args["seeds"] < 1 or (args["seeds"] > 1 and args["mode"] not in ("sft", "rft", "dpo", "per_step", "all", "scaling")):
         ap.error(f"--seeds {args['seeds']}: one or more, and more than one only with --mode sft, rft, dpo, per_step, all "
                  "or scaling")
@@ -3078,7 +3231,8 @@ def main(argv=None):
             write_jsonl(f"data/{task}/train.jsonl", train)
             write_jsonl(f"data/{task}/test.jsonl", test)
             print(f"wrote data/{task}/train.jsonl ({len(train)}) and data/{task}/test.jsonl ({len(test)})")
-        ship_base(cfg)
+        for task in SHIPPED_BASE:
+            ship_base(cfg, task)
         return
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -3117,6 +3271,8 @@ def main(argv=None):
         run_synth(cfg, train)
         return
     stages = {"rft": ["rft"], "dpo": ["dpo"], "per_step": ["per_step"], "all": ["rft", "dpo", "per_step"]}.get(cfg.mode, [])
+    if cfg.task == "star" and cfg.mode == "all":  # the star graph's picture: per-step DPO on the true pits too
+        stages.append("per_step_oracle")
     if cfg.seeds > 1:
         run_seeds(cfg, train, test, stages, val)
         return

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 import os
+import random
 import re
 import time
 
@@ -288,7 +289,7 @@ def test_every_shipped_solution_checks_correct():
 
 
 def test_make_data_reproduces_shipped_files_byte_for_byte(tmp_path):
-    for task in ("bigstep", "arith"):
+    for task in ("bigstep", "arith", "star"):
         train, test = sn.make_toy_data(task)
         sn.write_jsonl(str(tmp_path / "train.jsonl"), train)
         sn.write_jsonl(str(tmp_path / "test.jsonl"), test)
@@ -1016,7 +1017,7 @@ def test_the_shipped_base_is_used_checked_and_holds_the_arithmetic(tmp_path, mon
     assert info["settings"] == {k: getattr(sn.Config, k) for k in sn.BASE_KEYS}  # made with today's defaults
     monkeypatch.setattr(sn, "train_sft", lambda *a, **k: pytest.fail("the shipped base must not be trained again"))
     cfg = sn.run_base(sn.Config(out=str(tmp_path / "run")))
-    assert cfg.model == sn.SHIPPED_BASE and not os.path.exists(tmp_path / "run" / "base")
+    assert cfg.model == sn.SHIPPED_BASE["bigstep"] and not os.path.exists(tmp_path / "run" / "base")
     model, tok = sn.load_model(sn.Config(), cfg.model)
     assert sum(p.numel() for p in model.parameters()) == 526_848  # width 96, 4 layers: the README's 0.53M
     skill = sn.base_skill(model, tok, sn.Config())                  # base.json's 1,000 fresh lists, greedily (2 s)
@@ -1025,7 +1026,7 @@ def test_the_shipped_base_is_used_checked_and_holds_the_arithmetic(tmp_path, mon
         assert not sn.shipped_base_fits(sn.Config(**other))          # these train a base of their own, as before
     # damaged copies: every one stops, naming the file and the command that rebuilds it
     copy = tmp_path / "base"
-    monkeypatch.setattr(sn, "SHIPPED_BASE", str(copy))
+    monkeypatch.setitem(sn.SHIPPED_BASE, "bigstep", str(copy))
 
     def fresh():
         import shutil
@@ -1075,8 +1076,9 @@ def test_seeds_run_each_seed_into_its_folder_and_print_one_paired_table(tmp_path
              for s in (3, 4) for n in ("sft", "dpo")}
     accs = [100 * sum(right[s, "dpo"]) / 6 for s in (3, 4)]
     mean = sum(accs) / 2
-    row = f"| dpo | {accs[0]:.1f} | {accs[1]:.1f} | {mean:.1f} ± {abs(accs[0] - accs[1]) / 2 ** 0.5:.1f} |"
-    assert "| stage | seed 3 | seed 4 | mean ± sd |" in table and row in table
+    sd = abs(accs[0] - accs[1]) / 2 ** 0.5
+    row = f"| dpo | {accs[0]:.1f} | {accs[1]:.1f} | {mean:.1f} ± {sd:.1f} | {2 * sd / 2 ** 0.5:.1f} |"
+    assert "| stage | seed 3 | seed 4 | mean ± sd | ± 2 SE |" in table and row in table
     d = [a - b for a, b in zip(right[3, "dpo"], right[3, "sft"])]  # seed 3's paired difference, by hand
     m = sum(d) / 6
     se = (sum((x - m) ** 2 for x in d) / 5 / 6) ** 0.5
@@ -1745,3 +1747,101 @@ def test_every_result_setting_is_checked_against_an_existing_folder(tmp_path):
         else:
             with pytest.raises(SystemExit, match=f"--{f.name} "):
                 sn.check_out_folder(cfg)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The star graph (--task star)
+# ----------------------------------------------------------------------------------------------------------------
+
+STAR_Q = "Edges: 7 > 31, 12 > 40, 5 > 7, 40 > 3, 5 > 12, 31 > 9. Path from 5 to 3?"
+
+
+def test_star_graphs_are_deterministic_disjoint_and_say_nothing_of_the_path_by_order():
+    assert sn.make_toy_data("star", n_train=50, n_test=10) == sn.make_toy_data("star", n_train=50, n_test=10)
+    D, L = sn.STAR["degree"], sn.STAR["arm"]
+    rng, first_listed, position = random.Random(1), 0, [0] * (D * L)
+    problems = [sn.make_star_problem(rng) for _ in range(3000)]
+    for p in problems:
+        edges, start, goal = sn.star_graph(p["question"])
+        nodes = [start] + [v for _, v in edges]
+        assert len(edges) == D * L and len(set(nodes)) == len(nodes)  # every arm disjoint, no label twice
+        path = [int(v) for v in sn.star_path(p["question"])]
+        assert path[0] == start and path[-1] == goal and len(path) == L + 1 and all(e in edges for e in zip(path, path[1:]))
+        assert not any(u == goal for u, _ in edges)  # the goal ends an arm
+        assert p["answer"] == " > ".join(map(str, path)) and sn.reward(p["response"], p["answer"]) == 1
+        assert sn.first_wrong_step(sn.split_steps(p["response"]), p["question"]) is None
+        first_listed += [v for u, v in edges if u == start][0] == path[1]
+        position[edges.index((path[0], path[1]))] += 1
+    assert abs(first_listed / len(problems) - 1 / D) < 0.04  # the start's first listed child is the path's 1/D of the time
+    assert all(abs(c / len(problems) - 1 / (D * L)) < 0.04 for c in position)  # the first edge anywhere in the list
+
+
+def test_star_truth_on_hand_made_answers_and_the_ordered_path_check():
+    assert sn.star_path(STAR_Q) == ["5", "12", "40", "3"] and sn.has_truth(STAR_Q) and sn.toy_chain(STAR_Q) is None
+    wrong = lambda text: sn.first_wrong_step(sn.split_steps(text), STAR_Q)  # noqa: E731
+    assert wrong("5 > 12\n12 > 40\n40 > 3\nThe answer is 5 > 12 > 40 > 3") is None
+    assert wrong("5 > 7\n7 > 31\n31 > 9\nThe answer is 5 > 7 > 31 > 9") == 1      # the wrong arm: the plan
+    assert wrong("5 > 12\n12 > 31\n31 > 9\nThe answer is 5 > 12 > 31 > 9") == 2   # a look-up gone wrong
+    assert wrong("5 > 12\n12 > 40\n40 > 3\nThe answer is 5 > 40 > 12 > 3") == 4   # the answer line counts
+    assert wrong("5 > 12\n12 > 40\n") == 3                                            # stops short
+    assert sn.exact_rest(STAR_Q, ["5 > 12\n"]) == "12 > 40\n40 > 3\nThe answer is 5 > 12 > 40 > 3"
+    assert sn.is_equiv("5 > 12 > 40 > 3", "5>12>40>3") and not sn.is_equiv("5 > 40 > 12 > 3", "5 > 12 > 40 > 3")
+    assert not sn.is_equiv("5, 12, 40, 3", "5 > 12 > 40 > 3") and not sn.is_equiv("5 > 12 > 40", "5 > 12 > 40 > 3")
+    assert sn.reward("5 > 7\n7 > 31\nThe answer is 5 > 12 > 40 > 3", "5 > 12 > 40 > 3") == 1  # the answer decides
+    report = sn.star_edges_report([{"question": STAR_Q}] * 3, [
+        "5 > 12\n12 > 40\n40 > 3\nThe answer is 5 > 12 > 40 > 3",  # right
+        "5 > 7\n7 > 31\n31 > 9\nThe answer is 5 > 7 > 31 > 9",      # the wrong arm, followed faithfully
+        "5 > 12\n40 > 3\n3 > 8\nThe answer is 5 > 12 > 3"])          # jumps, then an edge not in the graph
+    assert report == {"first_edge": round(2 / 3, 4), "follows_graph": round(4 / 6, 4)}
+
+
+def test_star_tokenizer_spells_every_label_as_one_token_and_leaves_the_others_alone():
+    tok, text = sn.tiny_tokenizer("star"), sn.PROMPT.format(question=STAR_Q) + "5 > 12\nThe answer is 5 > 12"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == text
+    assert all(tok.convert_ids_to_tokens(tok(f"{v} > {v}", add_special_tokens=False)["input_ids"]) == [f"{v}Ġ>Ġ", str(v)]
+               for v in range(1, sn.STAR["labels"] + 1))  # an edge is two tokens: "12 > " and "40"
+    assert len(sn.tiny_tokenizer()) == len(sn.tiny_tokenizer("arith")) < len(tok)  # the other tasks' vocabulary unchanged
+
+
+def test_star_base_corpus_asks_only_for_look_ups():
+    for row in sn.star_base_corpus(0, 200):
+        q = row["question"]
+        edges = [tuple(map(int, e.split(" > "))) for e in q.split("Edges: ")[1].split(". Follow")[0].split(", ")]
+        start = int(q.rsplit(" ", 1)[1].rstrip("."))
+        path = [int(v) for v in row["response"].split("The answer is ")[1].split(" > ")]
+        assert len(edges) == sn.STAR["degree"] * sn.STAR["arm"] and path[0] == start and len(path) == len(edges) + 1
+        assert all(e in edges for e in zip(path, path[1:])) and row["response"] == sn.star_solution(path)
+        assert all(sum(u == v for u, _ in edges) <= 1 for v in path)  # one way on from every node: no plan needed
+
+
+def test_star_miniature_run_has_every_method_the_first_edge_and_the_truth(tmp_path, capsys):
+    train, test = sn.make_toy_data("star", n_train=16, n_test=6)
+    sn.write_jsonl(str(tmp_path / "train.jsonl"), train), sn.write_jsonl(str(tmp_path / "test.jsonl"), test)
+    args = MINI[2:] + ["--task", "star", "--train", str(tmp_path / "train.jsonl"), "--test", str(tmp_path / "test.jsonl"),
+                       "--base_steps", "2", "--val", "4", "--max_new_tokens", "40", "--temperature", "2.0",
+                       "--out", str(tmp_path / "run")]
+    sn.main(args + ["--mode", "all", "--seeds", "2"])
+    out = capsys.readouterr().out
+    for seed in (0, 1):
+        run = sn.Config(out=str(tmp_path / "run" / f"seed{seed}"))
+        for stage in ("sft", "rft", "dpo", "per_step", "per_step_awr", "per_step_oracle"):
+            ev = sn.stage_done(run, f"eval_{stage}")
+            assert ev and 0 <= ev["first_edge"] <= 1 and 0 <= ev["follows_graph"] <= 1, stage
+        rows = sn.read_jsonl(f"{run.out}/eval_sft/responses.jsonl")
+        assert all(r["first_edge"] in (0, 1) for r in rows)
+        assert sn.stage_done(run, "per_step")["pairs"] == 0 or os.path.exists(f"{run.out}/per_step/truth.json")
+    assert "First edge right (1/2 by guessing)" in open(tmp_path / "run" / "seeds.md").read()
+    assert "first edge" in out and os.path.exists(tmp_path / "run" / "base" / "model")
+
+
+def test_the_shipped_star_base_follows_chains_and_is_the_default(tmp_path, monkeypatch):
+    monkeypatch.chdir(HERE)
+    info = json.load(open("data/star/base/base.json"))
+    assert info["settings"] == {**{k: getattr(sn.Config, k) for k in sn.BASE_KEYS}, "base_steps": 4000}
+    cfg = sn.parse_config(["--task", "star", "--out", str(tmp_path / "run")])
+    assert (cfg.base_steps, cfg.loss, cfg.n_train, cfg.val, cfg.sft_epochs) == (4000, "both", 7700, 300, 2)
+    assert sn.run_base(cfg).model == sn.SHIPPED_BASE["star"]
+    model, tok = sn.load_model(cfg, sn.SHIPPED_BASE["star"])
+    skill = sn.base_skill(model, tok, cfg, n=200)  # fresh chains of six shuffled edges, followed whole
+    assert info["fresh_lists_right"] >= 0.9 and abs(skill - info["fresh_lists_right"]) <= 0.05
