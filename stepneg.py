@@ -27,6 +27,7 @@ machinery a reader can skip (the toys' truth, processes, files, the checker's ru
 checkpoints, stage book-keeping, reports, the command line, benchmarks), then main.
 """
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import importlib
@@ -1748,13 +1749,30 @@ def gather(rows):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+class WriteFailed(OSError):
+    """A write the run could not finish (a full disk, a quota, a vanished folder): cli prints it as one line."""
+
+
+@contextlib.contextmanager
+def writing(path):
+    """Around every write of the run (whole files, cache appends, models, checkpoints): whatever the writer raises
+    (OSError from Python, RuntimeError from torch.save or safetensors) becomes WriteFailed naming the file. Writes
+    are atomic or appends, so what failed is never marked done and the same command redoes it."""
+    try:
+        yield
+    except Exception as e:
+        raise WriteFailed(getattr(e, "errno", None), getattr(e, "strerror", None) or f"{type(e).__name__}: {e}",
+                          path) from e
+
+
 def write_text(path, text):
     """A whole file, written to a temporary name and renamed: a crash leaves the old file or the new, never half."""
     if RANK == 0:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-            f.write(text)
-        os.replace(path + ".tmp", path)
+        with writing(path):
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            with open(path + ".tmp", "w") as f:
+                f.write(text)
+            os.replace(path + ".tmp", path)
     sync()
 
 
@@ -1762,18 +1780,20 @@ def write_jsonl(path, rows, mode="w"):
     """Write rows whole (write_text), or append them and flush (a cache growing a batch at a time)."""
     if mode == "a":
         if RANK == 0:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            with open(path, "a") as f:
-                f.writelines(json.dumps(r) + "\n" for r in rows)
-                f.flush()
+            with writing(path):
+                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+                with open(path, "a") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in rows)
+                    f.flush()
         sync()
         return
     write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def numbered_jsonl(path, tolerant=False):
-    """(line number, row) for each non-blank line. A cache (tolerant=True) drops a torn last line from a crash;
-    user data must be clean: a bad line stops with its file and line number."""
+    """(line number, row) for each non-blank line. A cache (tolerant=True) drops a torn last line from a crash, and
+    says so of any other bad line (a damaged file) before dropping it: its row is redone. User data must be clean:
+    a bad line stops with its file and line number."""
     with open(path) as f:
         lines = f.readlines()
     for n, line in enumerate(lines, 1):
@@ -1782,8 +1802,10 @@ def numbered_jsonl(path, tolerant=False):
         try:
             yield n, json.loads(line)
         except json.JSONDecodeError as e:
-            if tolerant and n == len(lines):
-                return
+            if tolerant:
+                if n < len(lines):
+                    print(f"{path}, line {n}: not valid JSON ({e.msg}); the cache drops it and redoes its row")
+                continue
             raise ValueError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
 
 
@@ -1795,11 +1817,13 @@ def save_model(model, tok, path):
     model = merge_lora(model)
     if RANK == 0:
         tmp = path + ".tmp"
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        with writing(tmp):
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+        with writing(path):
+            if os.path.exists(path):
+                shutil.rmtree(path)
+            os.replace(tmp, path)
     sync()
 
 
@@ -2303,7 +2327,8 @@ def cached_generate(model, tok, rows, cfg, path, seed, desc, temperature=None):
         cached = read_jsonl(path, tolerant=True)
         with open(path, "rb") as f:
             torn = f.seek(0, 2) > 0 and (f.seek(-1, 2) or f.read(1)) != b"\n"
-        if torn:  # a crash mid-write: drop the partial line so new batches append after whole rows
+            bad = sum(1 for line in (f.seek(0) or f) if line.strip()) != len(cached)
+        if torn or bad:  # a crash mid-write, or a damaged line: keep the whole rows, so new batches append after them
             write_jsonl(path, cached)
         done = {r["key"]: r for r in cached}
     batches = gen_batches(model, tok, rows, cfg)
@@ -2379,10 +2404,11 @@ def save_train_state(path, model, opt, sched, step, extra):
     """Everything a killed training run needs to go on exactly where it stopped, written under a temporary name
     and renamed, so a crash mid-write leaves the previous checkpoint intact."""
     if RANK == 0:
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step,
-                    "masters": [m for _, m in opt.masters], "torch_rng": torch.get_rng_state(), "extra": extra},
-                   path + ".tmp")
-        os.replace(path + ".tmp", path)
+        with writing(path):
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                        "step": step, "masters": [m for _, m in opt.masters], "torch_rng": torch.get_rng_state(),
+                        "extra": extra}, path + ".tmp")
+            os.replace(path + ".tmp", path)
     sync()
 
 
@@ -2390,9 +2416,14 @@ def load_train_state(path, model, opt, sched, extra):
     """-> the step to resume after (0 = fresh start); restores model, optimizer, scheduler, RNG and `extra`."""
     if not path or not os.path.exists(path):
         return 0
-    state = torch.load(path, weights_only=False)
-    model.load_state_dict(state["model"])
-    opt.load_state_dict(state["opt"])
+    try:  # a torn, damaged or foreign checkpoint (another model's, copied in) is refused here, never half-loaded
+        state = torch.load(path, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+    except Exception as e:
+        why = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)[:200]
+        raise SystemExit(f"error: {path}: a training checkpoint this run cannot resume from ({why}); remove it to "
+                         f"train the stage from its start: rm {path}") from None
     with torch.no_grad():  # the fp32 masters carry the bits that the bf16 weights rounded off
         for (p, m), saved in zip(opt.masters, state.get("masters") or [p for p, _ in opt.masters]):
             m.copy_(saved)
@@ -2497,8 +2528,9 @@ def keep_best(model, tok, val, cfg, step, st, folder, desc):
     if acc > st.get("best_val", -1.0):
         st["best_val"], st["best_step"] = acc, step
         if RANK == 0:
-            torch.save(model.state_dict(), f"{folder}/best.pt.tmp")
-            os.replace(f"{folder}/best.pt.tmp", f"{folder}/best.pt")
+            with writing(f"{folder}/best.pt"):
+                torch.save(model.state_dict(), f"{folder}/best.pt.tmp")
+                os.replace(f"{folder}/best.pt.tmp", f"{folder}/best.pt")
         sync()  # under torchrun every rank sees the same accuracy, and the file before it reads it back
     tqdm.write(f"  {desc} step {step} validation accuracy {acc:.3f} (best {st['best_val']:.3f} at {st['best_step']})")
 
@@ -3296,6 +3328,11 @@ def cli(argv=None):
         sys.exit(130)
     except FloatingPointError as e:  # a non-finite loss: stop, keep the last good checkpoint
         sys.exit(f"error: {e}. The last checkpoint before it (the stage's train_state.pt) is kept.")
+    except WriteFailed as e:  # a full disk, mid-stage: what is written whole is kept, nothing half-written is done
+        args = sys.argv[1:] if argv is None else argv
+        sys.exit(f"error: could not write {e.filename}: {e.strerror}. Everything finished before it is kept and "
+                 "nothing half-written is marked done; fix the cause (free space) and rerun the same command:\n"
+                 f"  python {os.path.relpath(__file__)} {shlex.join(args)}")
 
 
 if __name__ == "__main__":

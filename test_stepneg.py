@@ -1845,3 +1845,134 @@ def test_the_shipped_star_base_follows_chains_and_is_the_default(tmp_path, monke
     model, tok = sn.load_model(cfg, sn.SHIPPED_BASE["star"])
     skill = sn.base_skill(model, tok, cfg, n=200)  # fresh chains of six shuffled edges, followed whole
     assert info["fresh_lists_right"] >= 0.9 and abs(skill - info["fresh_lists_right"]) <= 0.05
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Faults beyond SIGKILL: a write that fails halfway, a damaged cache
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_a_write_that_fails_halfway_stops_clearly_and_the_rerun_ends_as_an_uninterrupted_run(tmp_path, monkeypatch):
+    """ENOSPC injected into each kind of write the run makes (a cache append, a whole file such as done.json or pairs,
+    a model save, a training checkpoint), each after part of its bytes are on disk, at a random call; every time the
+    run stops with one line naming the file, and the same command then finishes as an uninterrupted run did."""
+    import builtins
+    import errno
+    import transformers
+    from safetensors.torch import load_file
+    args = MINI + ["--mode", "per_step", "--sft_epochs", "3", "--dpo_epochs", "2", "--gen_batch", "8", "--ckpt_every", "1"]
+    whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
+    gold = {p["question"]: p["gold"] for f in ("train", "test") for p in sn.load_problems(f"{HERE}/data/arith/{f}.jsonl")}
+
+    def policy(model, tok, prompts, temperature, max_new, seed):  # KILLABLE's seeded sampler: pairs at every pit
+        rng, texts = random.Random(seed), []
+        for p in prompts:
+            question, prefix = p.split("Question: ", 1)[1].split("\nAnswer:\n", 1)
+            ok = rng.random() < (0.1 if "= 3\n" in prefix else 0.6)
+            first = "" if prefix else ("1 + 1 = 2\n" if rng.random() < 0.5 else "1 + 1 = 3\n")
+            texts.append(first + ("3 + 3 = 6\nThe answer is " + gold[question] if ok else "3 + 3 = 7\nThe answer is -1"))
+        return texts, [len(t) for t in texts], 0
+    real_generate = sn.generate
+    sn.generate = policy
+    try:
+        sn.cli(args + ["--out", whole])
+    finally:
+        sn.generate = real_generate
+    calls, real_open, real_save, real_pretrained = {}, builtins.open, torch.save, transformers.PreTrainedModel.save_pretrained
+
+    def due(kind, at):
+        calls[kind] = calls.get(kind, 0) + 1
+        return calls[kind] == at
+
+    def inject(kind, at):
+        calls.clear()
+
+        class Half:  # a file whose write stops halfway, as a full disk stops it
+            def __init__(self, f):
+                self.f = f
+
+            def write(self, text):
+                self.f.write(text[:len(text) // 2]), self.f.flush()
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+            def writelines(self, lines):
+                self.write("".join(lines))
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                self.f.close()
+
+        def fake_open(path, mode="r", *a, **k):
+            f = real_open(path, mode, *a, **k)
+            return Half(f) if ("a" in mode and kind == "append" or "w" in mode and kind == "whole") and due(kind, at) else f
+
+        def fake_save(obj, path, *a, **k):
+            real_save(obj, path, *a, **k)
+            if kind == "checkpoint" and due(kind, at):
+                os.truncate(path, os.path.getsize(path) // 2)
+                raise RuntimeError(f"[enforce fail at inline_container.cc] . PytorchStreamWriter failed writing file {path}")
+
+        def fake_pretrained(self, folder, *a, **k):
+            real_pretrained(self, folder, *a, **k)
+            if kind == "model" and due(kind, at):
+                weights = os.path.join(folder, "model.safetensors")
+                os.truncate(weights, os.path.getsize(weights) // 2)
+                raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(sn, "generate", policy)
+        monkeypatch.setattr(sn, "open", fake_open, raising=False)
+        monkeypatch.setattr(sn.torch, "save", fake_save)
+        monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", fake_pretrained)
+    rng = random.Random(0)
+    for kind, most in [("checkpoint", 4), ("append", 6), ("whole", 10), ("model", 1), ("append", 3), ("whole", 4)]:
+        inject(kind, rng.randint(1, most))
+        with pytest.raises(SystemExit) as stop:
+            sn.cli(args + ["--out", cut])
+        monkeypatch.undo()
+        assert "could not write" in str(stop.value) and cut in str(stop.value) and "rerun the same command" in str(stop.value), kind
+    monkeypatch.setattr(sn, "generate", policy)
+    sn.cli(args + ["--out", cut])
+    assert sn.read_jsonl(f"{whole}/per_step/pairs.jsonl")  # the comparison below has pairs and DPO steps in it
+    for f in ["samples/samples.jsonl", "per_step/pairs.jsonl", "eval_sft/responses.jsonl", "eval_per_step/responses.jsonl"]:
+        a, b = sn.read_jsonl(f"{whole}/{f}"), sn.read_jsonl(f"{cut}/{f}")
+        assert a == b or all(abs(x[k] - y[k]) < 1e-4 if isinstance(x[k], float) else x[k] == y[k]
+                             for x, y in zip(a, b) for k in x), f
+    for m in ["sft", "per_step"]:
+        a, b = load_file(f"{whole}/{m}/model/model.safetensors"), load_file(f"{cut}/{m}/model/model.safetensors")
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a), m
+
+
+def test_a_damaged_line_in_the_middle_of_a_cache_is_named_and_redone(tmp_path, capsys):
+    cfg = sn.Config(d_model=32, n_layers=1, n_heads=2, gen_batch=2, max_new_tokens=6)
+    model, tok = sn.load_model(cfg, "tiny")
+    rows, path = [(str(i), f"Question: {i}\nAnswer:\n") for i in range(6)], str(tmp_path / "gen.jsonl")
+    first, _ = sn.cached_generate(model, tok, rows, cfg, path, 0, "gen")
+    lines = open(path).read().splitlines(keepends=True)
+    lines[2] = lines[2][:10] + "#garbage\n"  # the third row (batch 1) damaged, whole rows after it
+    open(path, "w").write("".join(lines))
+    again, st = sn.cached_generate(model, tok, rows, cfg, path, 0, "gen")
+    assert again == first and st["new_tokens"] > 0  # its batch redone, the same text
+    assert f"{path}, line 3: not valid JSON" in capsys.readouterr().out
+    assert all(json.loads(line) for line in open(path))  # the cache is clean again
+    data = tmp_path / "data.jsonl"
+    data.write_text("{}\n{}\n{x\n{}\n")
+    with pytest.raises(ValueError, match="line 3: not valid JSON"):  # user data stays strict
+        sn.read_jsonl(str(data))
+
+
+def test_a_damaged_or_foreign_training_checkpoint_is_refused_with_the_fix(tmp_path):
+    args = MINI + ["--mode", "sft", "--sft_epochs", "2", "--ckpt_every", "1"]
+    ckpt = tmp_path / "run" / "sft" / "train_state.pt"
+    narrow, _ = sn.load_model(sn.Config(d_model=16, n_layers=1, n_heads=2), "tiny")
+    opt, sched = sn.make_optimizer(narrow, 1e-3, 10)
+    ckpt.parent.mkdir(parents=True)
+    sn.save_train_state(str(ckpt), narrow, opt, sched, 1, {})                  # another model's, copied in
+    with pytest.raises(SystemExit, match=rf"{ckpt}: a training checkpoint this run cannot resume from .*rm {ckpt}"):
+        sn.main(args + ["--out", str(tmp_path / "run")])
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])                                 # torn
+    with pytest.raises(SystemExit, match=rf"{ckpt}: a training checkpoint this run cannot resume from"):
+        sn.main(args + ["--out", str(tmp_path / "run")])
+    ckpt.unlink()                                                              # the fix the message gives
+    sn.main(args + ["--out", str(tmp_path / "run")])
+    assert sn.stage_done(sn.Config(out=str(tmp_path / "run")), "sft")
