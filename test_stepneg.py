@@ -1394,6 +1394,7 @@ generate call instead, as a scheduler pre-empting the job would."""
 import os, random, signal, sys
 import torch
 import stepneg as sn
+from test_stepneg import seeded_policy
 point, at = sys.argv[1], int(sys.argv[2])
 gold = {p["question"]: p["gold"] for f in os.environ["GOLD_FILES"].split(",") for p in sn.load_problems(f)}
 calls = {"generate": 0, "step": 0}
@@ -1409,13 +1410,7 @@ def count(name):
 
 def policy(model, tok, prompts, temperature, max_new, seed):
     count("generate")
-    rng, texts = random.Random(seed), []
-    for p in prompts:
-        question, prefix = p.split("Question: ", 1)[1].split("\nAnswer:\n", 1)
-        ok = rng.random() < (0.1 if "= 3\n" in prefix else 0.6)
-        first = "" if prefix else ("1 + 1 = 2\n" if rng.random() < 0.5 else "1 + 1 = 3\n")
-        texts.append(first + ("3 + 3 = 6\nThe answer is " + gold[question] if ok else "3 + 3 = 7\nThe answer is -1"))
-    return texts, [len(t) for t in texts], 0
+    return seeded_policy(gold, prompts, seed)
 
 
 adam_step = torch.optim.AdamW.step
@@ -1423,6 +1418,18 @@ torch.optim.AdamW.step = lambda self, *a, **k: (count("step"), adam_step(self, *
 sn.generate = policy
 sn.cli(sys.argv[3:])
 '''
+
+
+def seeded_policy(gold, prompts, seed):
+    """A sampler whose text follows its seed: right 60% of the time from x, 10% after a wrong first line "1 + 1 = 3",
+    so every run has pairs at a pit; the runs that survive faults use it in place of generate."""
+    rng, texts = random.Random(seed), []
+    for p in prompts:
+        question, prefix = p.split("Question: ", 1)[1].split("\nAnswer:\n", 1)
+        ok = rng.random() < (0.1 if "= 3\n" in prefix else 0.6)
+        first = "" if prefix else ("1 + 1 = 2\n" if rng.random() < 0.5 else "1 + 1 = 3\n")
+        texts.append(first + ("3 + 3 = 6\nThe answer is " + gold[question] if ok else "3 + 3 = 7\nThe answer is -1"))
+    return texts, [len(t) for t in texts], 0
 
 
 def test_sigkilled_run_resumes_to_the_same_pairs_weights_and_metrics(tmp_path):
@@ -1864,14 +1871,8 @@ def test_a_write_that_fails_halfway_stops_clearly_and_the_rerun_ends_as_an_unint
     whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
     gold = {p["question"]: p["gold"] for f in ("train", "test") for p in sn.load_problems(f"{HERE}/data/arith/{f}.jsonl")}
 
-    def policy(model, tok, prompts, temperature, max_new, seed):  # KILLABLE's seeded sampler: pairs at every pit
-        rng, texts = random.Random(seed), []
-        for p in prompts:
-            question, prefix = p.split("Question: ", 1)[1].split("\nAnswer:\n", 1)
-            ok = rng.random() < (0.1 if "= 3\n" in prefix else 0.6)
-            first = "" if prefix else ("1 + 1 = 2\n" if rng.random() < 0.5 else "1 + 1 = 3\n")
-            texts.append(first + ("3 + 3 = 6\nThe answer is " + gold[question] if ok else "3 + 3 = 7\nThe answer is -1"))
-        return texts, [len(t) for t in texts], 0
+    def policy(model, tok, prompts, temperature, max_new, seed):
+        return seeded_policy(gold, prompts, seed)
     real_generate = sn.generate
     sn.generate = policy
     try:
