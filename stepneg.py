@@ -823,7 +823,7 @@ def train_sft(model, tok, examples, cfg, epochs, lr, desc, ckpt=None, val=None):
     mb = cfg.micro_batch or cfg.batch_size
     fwd = prepare_training(model, cfg, desc)
     opt, sched = make_optimizer(model, lr, steps)
-    st = {"log": [], "truncated": 0, "train_tokens": 0}
+    st = {"log": [], "truncated": 0, "train_tokens": 0, "made_by": train_fingerprint(cfg, desc, lr, data)}
     start, step, t0, tok_now = load_train_state(ckpt, model, opt, sched, st), 0, time.time(), 0
     bar = tqdm(total=steps, initial=start, desc=desc, leave=False)
     for epoch in range(math.ceil(steps / per_epoch)):
@@ -921,7 +921,8 @@ def train_dpo(model, tok, pairs, cfg, desc, ckpt=None):
     # beta2 = 0.999: a fine-tuning run this short is hurt by Adam's noisy early second-moment estimates
     fwd = prepare_training(model, cfg, desc)
     opt, sched = make_optimizer(model, cfg.dpo_lr, steps, betas=(0.9, 0.999))
-    st = {"log": [], "train_tokens": 0}
+    st = {"log": [], "train_tokens": 0, "made_by": train_fingerprint(cfg, desc, cfg.dpo_lr,
+                                                                   [[p["prompt"], p["chosen"], p["rejected"]] for p in pairs])}
     start, step, t0, seen, tok_now = load_train_state(ckpt, model, opt, sched, st), 0, time.time(), 0, 0
     bar = tqdm(total=steps, initial=start, desc=desc, leave=False)
     for epoch in range(cfg.dpo_epochs):
@@ -2412,14 +2413,24 @@ def save_train_state(path, model, opt, sched, step, extra):
     sync()
 
 
+def train_fingerprint(cfg, desc, lr, data):
+    """What a training run is made by (its result settings, stage, learning rate, data): a checkpoint records it, so
+    one copied in from another run is refused rather than resumed. The data enter by size and ends (cheap on 7B data)."""
+    what = [{k: getattr(cfg, k) for k in RESULT_KEYS}, desc, lr, len(data), data[:1], data[-1:]]
+    return hashlib.sha1(json.dumps(what, default=str).encode()).hexdigest()[:16]
+
+
 def load_train_state(path, model, opt, sched, extra):
-    """-> the step to resume after (0 = fresh start); restores model, optimizer, scheduler, RNG and `extra`."""
+    """-> the step to resume after (0 = fresh start); restores model, optimizer, scheduler, RNG and `extra`. A state
+    whose extra["made_by"] (train_fingerprint) differs from this run's came from other settings or data: refused."""
     if not path or not os.path.exists(path):
         return 0
     try:  # a torn, damaged or foreign checkpoint (another model's, copied in) is refused here, never half-loaded
         state = torch.load(path, weights_only=False)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
+        if state["extra"].get("made_by") != extra.get("made_by"):
+            raise ValueError("it was made with other settings or data")
     except Exception as e:
         why = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)[:200]
         raise SystemExit(f"error: {path}: a training checkpoint this run cannot resume from ({why}); remove it to "
@@ -2692,17 +2703,18 @@ def invalidate_downstream(cfg, name):
 
 def finish_stage(cfg, name, result):
     invalidate_downstream(cfg, name)
-    if os.path.exists(f"{cfg.out}/{name}/train_state.pt"):  # the model is saved: the resume state is not needed
-        sync()
-        if RANK == 0:
-            os.remove(f"{cfg.out}/{name}/train_state.pt")
-        sync()
+    keep = lambda f: f != "done.json" and f != "train_state.pt" and not f.endswith(".tmp")  # noqa: E731
     result["outputs"] = {os.path.relpath(os.path.join(d, f), f"{cfg.out}/{name}"): os.path.getsize(os.path.join(d, f))
-                         for d, _, files in os.walk(f"{cfg.out}/{name}") for f in files if f != "done.json"}
+                         for d, _, files in os.walk(f"{cfg.out}/{name}") for f in files if keep(f)}
     write_jsonl(f"{cfg.out}/metrics.jsonl", [{"stage": name, **{k: v for k, v in result.items()
                                                                   if k not in ("log", "outputs")}}],
                 mode="a")
     write_text(f"{cfg.out}/{name}/done.json", json.dumps(result, indent=1))
+    if os.path.exists(f"{cfg.out}/{name}/train_state.pt"):  # the stage is done: its resume state is not needed
+        sync()  # (removed only now, so a done.json that failed to write leaves a state to resume from)
+        if RANK == 0:
+            os.remove(f"{cfg.out}/{name}/train_state.pt")
+        sync()
     return result
 
 

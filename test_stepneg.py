@@ -1974,6 +1974,11 @@ def test_a_damaged_or_foreign_training_checkpoint_is_refused_with_the_fix(tmp_pa
     ckpt.write_bytes(ckpt.read_bytes()[:1000])                                 # torn
     with pytest.raises(SystemExit, match=rf"{ckpt}: a training checkpoint this run cannot resume from"):
         sn.main(args + ["--out", str(tmp_path / "run")])
+    same, _ = sn.load_model(sn.parse_config(args), "tiny")                      # this model's shapes, other settings
+    opt, sched = sn.make_optimizer(same, 1e-3, 10)
+    sn.save_train_state(str(ckpt), same, opt, sched, 1, {"made_by": "another run"})
+    with pytest.raises(SystemExit, match=r"made with other settings or data.*rm "):
+        sn.main(args + ["--out", str(tmp_path / "run")])
     ckpt.unlink()                                                              # the fix the message gives
     sn.main(args + ["--out", str(tmp_path / "run")])
     assert sn.stage_done(sn.Config(out=str(tmp_path / "run")), "sft")
