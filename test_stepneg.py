@@ -1860,33 +1860,27 @@ def test_the_shipped_star_base_follows_chains_and_is_the_default(tmp_path, monke
 
 
 def test_a_write_that_fails_halfway_stops_clearly_and_the_rerun_ends_as_an_uninterrupted_run(tmp_path, monkeypatch):
-    """ENOSPC injected into each kind of write the run makes (a cache append, a whole file such as done.json or pairs,
-    a model save, a training checkpoint), each after part of its bytes are on disk, at a random call; every time the
-    run stops with one line naming the file, and the same command then finishes as an uninterrupted run did."""
+    """ENOSPC injected after part of a write's bytes are on disk: into each kind of write the run makes (a cache append,
+    a whole file such as done.json or pairs, a model save, a training checkpoint) at a random call, and, in a second
+    run, at a random write of each stage. Every time the run stops with one line naming the file, and the same command
+    then finishes as an uninterrupted run did."""
     import builtins
     import errno
     import transformers
     from safetensors.torch import load_file
     args = MINI + ["--mode", "per_step", "--sft_epochs", "3", "--dpo_epochs", "2", "--gen_batch", "8", "--ckpt_every", "1"]
-    whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
+    whole, by_kind, by_stage = (str(tmp_path / d) for d in ("whole", "by_kind", "by_stage"))
     gold = {p["question"]: p["gold"] for f in ("train", "test") for p in sn.load_problems(f"{HERE}/data/arith/{f}.jsonl")}
-
-    def policy(model, tok, prompts, temperature, max_new, seed):
-        return seeded_policy(gold, prompts, seed)
-    real_generate = sn.generate
-    sn.generate = policy
-    try:
-        sn.cli(args + ["--out", whole])
-    finally:
-        sn.generate = real_generate
     calls, real_open, real_save, real_pretrained = {}, builtins.open, torch.save, transformers.PreTrainedModel.save_pretrained
 
-    def due(kind, at):
-        calls[kind] = calls.get(kind, 0) + 1
-        return calls[kind] == at
-
-    def inject(kind, at):
+    def inject(match, at):  # the at-th write that match(kind, path) picks fails halfway; at = 0: none does
         calls.clear()
+
+        def hit(kind, path):
+            if not match(kind, str(path)):
+                return False
+            calls["n"] = calls.get("n", 0) + 1
+            return calls["n"] == at
 
         class Half:  # a file whose write stops halfway, as a full disk stops it
             def __init__(self, f):
@@ -1907,41 +1901,50 @@ def test_a_write_that_fails_halfway_stops_clearly_and_the_rerun_ends_as_an_unint
 
         def fake_open(path, mode="r", *a, **k):
             f = real_open(path, mode, *a, **k)
-            return Half(f) if ("a" in mode and kind == "append" or "w" in mode and kind == "whole") and due(kind, at) else f
+            return Half(f) if ("a" in mode or "w" in mode) and hit("append" if "a" in mode else "whole", path) else f
 
         def fake_save(obj, path, *a, **k):
             real_save(obj, path, *a, **k)
-            if kind == "checkpoint" and due(kind, at):
+            if hit("checkpoint", path):
                 os.truncate(path, os.path.getsize(path) // 2)
                 raise RuntimeError(f"[enforce fail at inline_container.cc] . PytorchStreamWriter failed writing file {path}")
 
         def fake_pretrained(self, folder, *a, **k):
             real_pretrained(self, folder, *a, **k)
-            if kind == "model" and due(kind, at):
+            if hit("model", folder):
                 weights = os.path.join(folder, "model.safetensors")
                 os.truncate(weights, os.path.getsize(weights) // 2)
                 raise OSError(errno.ENOSPC, "No space left on device")
-        monkeypatch.setattr(sn, "generate", policy)
+        monkeypatch.setattr(sn, "generate", lambda model, tok, prompts, t, m, seed: seeded_policy(gold, prompts, seed))
         monkeypatch.setattr(sn, "open", fake_open, raising=False)
         monkeypatch.setattr(sn.torch, "save", fake_save)
         monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", fake_pretrained)
+    written = []
+    inject(lambda kind, path: written.append(path) and False, 0)  # the uninterrupted run, its writes listed
+    sn.cli(args + ["--out", whole])
+    stages = ["sft", "eval_sft", "samples", "per_step", "eval_per_step"]
+    per_stage = {s: sum(p.startswith(f"{whole}/{s}/") for p in written) for s in stages}
+    assert all(per_stage.values()), per_stage
     rng = random.Random(0)
-    for kind, most in [("checkpoint", 4), ("append", 6), ("whole", 10), ("model", 1), ("append", 3), ("whole", 4)]:
-        inject(kind, rng.randint(1, most))
+    faults = [(by_kind, lambda k, p, kind=kind: k == kind, rng.randint(1, most))
+              for kind, most in [("checkpoint", 4), ("append", 6), ("whole", 10), ("model", 1), ("append", 3), ("whole", 4)]]
+    faults += [(by_stage, lambda k, p, s=s: p.startswith(f"{by_stage}/{s}/"), rng.randint(1, per_stage[s])) for s in stages]
+    for out, match, at in faults:
+        inject(match, at)
         with pytest.raises(SystemExit) as stop:
-            sn.cli(args + ["--out", cut])
-        monkeypatch.undo()
-        assert "could not write" in str(stop.value) and cut in str(stop.value) and "rerun the same command" in str(stop.value), kind
-    monkeypatch.setattr(sn, "generate", policy)
-    sn.cli(args + ["--out", cut])
-    assert sn.read_jsonl(f"{whole}/per_step/pairs.jsonl")  # the comparison below has pairs and DPO steps in it
-    for f in ["samples/samples.jsonl", "per_step/pairs.jsonl", "eval_sft/responses.jsonl", "eval_per_step/responses.jsonl"]:
-        a, b = sn.read_jsonl(f"{whole}/{f}"), sn.read_jsonl(f"{cut}/{f}")
-        assert a == b or all(abs(x[k] - y[k]) < 1e-4 if isinstance(x[k], float) else x[k] == y[k]
-                             for x, y in zip(a, b) for k in x), f
-    for m in ["sft", "per_step"]:
-        a, b = load_file(f"{whole}/{m}/model/model.safetensors"), load_file(f"{cut}/{m}/model/model.safetensors")
-        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a), m
+            sn.cli(args + ["--out", out])
+        assert "could not write" in str(stop.value) and out in str(stop.value) and "rerun the same command" in str(stop.value)
+    for out in (by_kind, by_stage):
+        inject(lambda kind, path: False, 0)
+        sn.cli(args + ["--out", out])
+        assert sn.read_jsonl(f"{whole}/per_step/pairs.jsonl")  # the comparison below has pairs and DPO steps in it
+        for f in ["samples/samples.jsonl", "per_step/pairs.jsonl", "eval_sft/responses.jsonl", "eval_per_step/responses.jsonl"]:
+            a, b = sn.read_jsonl(f"{whole}/{f}"), sn.read_jsonl(f"{out}/{f}")
+            assert len(a) == len(b) and all(x == y or all(abs(x[k] - y[k]) < 1e-4 if isinstance(x[k], float) else x[k] == y[k]
+                                                          for k in x) for x, y in zip(a, b)), (out, f)
+        for m in ["sft", "per_step"]:
+            a, b = load_file(f"{whole}/{m}/model/model.safetensors"), load_file(f"{out}/{m}/model/model.safetensors")
+            assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a), (out, m)
 
 
 def test_a_damaged_line_in_the_middle_of_a_cache_is_named_and_redone(tmp_path, capsys):
@@ -1982,3 +1985,21 @@ def test_a_damaged_or_foreign_training_checkpoint_is_refused_with_the_fix(tmp_pa
     ckpt.unlink()                                                              # the fix the message gives
     sn.main(args + ["--out", str(tmp_path / "run")])
     assert sn.stage_done(sn.Config(out=str(tmp_path / "run")), "sft")
+
+
+def test_damaged_inputs_stop_with_one_line_naming_the_file(tmp_path):
+    train = tmp_path / "train.jsonl"
+    train.write_bytes(open(f"{HERE}/data/star/train.jsonl", "rb").read()[:3000])  # shipped data, truncated mid-line
+    with pytest.raises(SystemExit, match=rf"{train}, line 16: not valid JSON"):
+        sn.main(["--task", "star", "--mode", "sft", "--train", str(train), "--out", str(tmp_path / "run")])
+    folder = tmp_path / "init"
+    folder.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):      # no weights
+        (folder / name).write_bytes(open(f"{HERE}/data/bigstep/base/{name}", "rb").read())
+    args = MINI + ["--mode", "eval", "--init", str(folder), "--out", str(tmp_path / "eval")]
+    with pytest.raises(SystemExit, match=rf"{folder}: not a loadable model folder .*model.safetensors"):
+        sn.main(args)
+    (folder / "model.safetensors").write_bytes(open(f"{HERE}/data/bigstep/base/model.safetensors", "rb").read())
+    (folder / "tokenizer.json").unlink(), (folder / "tokenizer_config.json").unlink()  # no tokenizer
+    with pytest.raises(SystemExit, match=rf"{folder}: not a loadable model folder"):
+        sn.main(args)
