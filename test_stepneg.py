@@ -1863,11 +1863,10 @@ def test_a_write_that_fails_halfway_stops_clearly_and_the_rerun_ends_as_an_unint
     """ENOSPC injected after part of a write's bytes are on disk: into each kind of write the run makes (a cache append,
     a whole file such as done.json or pairs, a model save, a training checkpoint) at a random call, and, in a second
     run, at a random write of each stage. Every time the run stops with one line naming the file, and the same command
-    then finishes as an uninterrupted run did."""
+    then finishes with the bytes of an uninterrupted run (in one process; the SIGKILL test allows float noise)."""
     import builtins
     import errno
     import transformers
-    from safetensors.torch import load_file
     args = MINI + ["--mode", "per_step", "--sft_epochs", "3", "--dpo_epochs", "2", "--gen_batch", "8", "--ckpt_every", "1"]
     whole, by_kind, by_stage = (str(tmp_path / d) for d in ("whole", "by_kind", "by_stage"))
     gold = {p["question"]: p["gold"] for f in ("train", "test") for p in sn.load_problems(f"{HERE}/data/arith/{f}.jsonl")}
@@ -1938,13 +1937,9 @@ def test_a_write_that_fails_halfway_stops_clearly_and_the_rerun_ends_as_an_unint
         inject(lambda kind, path: False, 0)
         sn.cli(args + ["--out", out])
         assert sn.read_jsonl(f"{whole}/per_step/pairs.jsonl")  # the comparison below has pairs and DPO steps in it
-        for f in ["samples/samples.jsonl", "per_step/pairs.jsonl", "eval_sft/responses.jsonl", "eval_per_step/responses.jsonl"]:
-            a, b = sn.read_jsonl(f"{whole}/{f}"), sn.read_jsonl(f"{out}/{f}")
-            assert len(a) == len(b) and all(x == y or all(abs(x[k] - y[k]) < 1e-4 if isinstance(x[k], float) else x[k] == y[k]
-                                                          for k in x) for x, y in zip(a, b)), (out, f)
-        for m in ["sft", "per_step"]:
-            a, b = load_file(f"{whole}/{m}/model/model.safetensors"), load_file(f"{out}/{m}/model/model.safetensors")
-            assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a), (out, m)
+        for f in ["samples/samples.jsonl", "per_step/pairs.jsonl", "eval_sft/responses.jsonl",  # (caches may differ)
+                  "eval_per_step/responses.jsonl", "sft/model/model.safetensors", "per_step/model/model.safetensors"]:
+            assert open(f"{whole}/{f}", "rb").read() == open(f"{out}/{f}", "rb").read(), (out, f)  # byte for byte
 
 
 def test_a_damaged_line_in_the_middle_of_a_cache_is_named_and_redone(tmp_path, capsys):
