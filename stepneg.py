@@ -16,6 +16,7 @@ LLM Math Reasoning by Eight-Fold" (NeurIPS 2024, arXiv 2406.14532). The pipeline
     python stepneg.py --mode synth --teacher Qwen/Qwen2.5-7B-Instruct --train problems.jsonl   # write D_syn
     python stepneg.py --mode scaling           # the paper's headline: SFT on n..8n vs each method on n (an hour)
     torchrun --nproc_per_node 8 stepneg.py --mode per_step --model ...   # data parallel, one GPU per process
+                                               # (--shard true: the model split across them, for a 7B's full FT)
     python stepneg.py --mode bench_rollouts    # after a per_step run: first-pit saving, our sampler vs generate
     python stepneg.py --mode bench_dpo         # after a per_step run: our DPO step vs a resident reference and TRL
     python stepneg.py --mode bench_shapes --train gsm8k_train.jsonl ...   # on a GPU: 1.5B- and 7B-shaped random
@@ -134,6 +135,8 @@ class Config:
     beta: float = 0.1            # DPO's beta: how far from pi_ref the policy may move for a given margin
     lora_rank: int = 0           # > 0: train low-rank adapters (Hu et al. 2021) instead of every weight; saved merged
     grad_ckpt: bool = False      # recompute activations in the backward pass: less memory, about 30% more time
+    shard: bool = False          # under torchrun: split weights, gradients and optimizer state across the processes
+                                 # (FSDP2, per decoder layer) instead of a whole copy in each (DDP); README "Real models"
     branch: bool = True          # DPO: read a pair's shared prompt once, run chosen and rejected from its KV cache
     sort_len: bool = False       # batch training examples of similar length together: less padding (real data's
                                  # lengths vary 10x). Off on the toys: on bigstep no faster, and SFT scored worse
@@ -442,6 +445,8 @@ def load_model(cfg, path):
         tok.pad_token = tok.eos_token
     if tok.eos_token is None:
         raise ValueError(f"{path}: the tokenizer has no EOS token; stepneg needs one to end complete solutions")
+    if cfg.shard:
+        decoder_layers(model)  # the unit --shard splits by: said at the first load, not at the first training step
     return model.to(device=device, dtype=dtype), tok
 
 
@@ -919,7 +924,7 @@ def train_dpo(model, tok, pairs, cfg, desc, ckpt=None):
     steps = cfg.dpo_epochs * math.ceil(len(enc) / cfg.batch_size)
     mb = cfg.micro_batch or cfg.batch_size
     # beta2 = 0.999: a fine-tuning run this short is hurt by Adam's noisy early second-moment estimates
-    fwd = prepare_training(model, cfg, desc)
+    fwd = prepare_training(model, cfg, desc, per_example=2)
     opt, sched = make_optimizer(model, cfg.dpo_lr, steps, betas=(0.9, 0.999))
     st = {"log": [], "train_tokens": 0, "made_by": train_fingerprint(cfg, desc, cfg.dpo_lr,
                                                                    [[p["prompt"], p["chosen"], p["rejected"]] for p in pairs])}
@@ -1719,6 +1724,9 @@ def start_processes(cfg):
     ranks' output goes to out/rank<r>.log)."""
     global RANK, WORLD
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        if cfg.shard:
+            raise SystemExit("error: --shard splits the model across the processes torchrun starts, and there is one; "
+                             "run it as: torchrun --nproc_per_node N stepneg.py --shard true ... (N >= 2)")
         return
     cuda = pick_device(cfg) == "cuda"
     if cuda:
@@ -1743,6 +1751,90 @@ def gather(rows):
     parts = [None] * WORLD
     torch.distributed.all_gather_object(parts, rows)
     return [r for part in parts for r in part]
+
+
+# --shard: FSDP2. Data parallel (DDP) keeps a whole copy of the weights, gradients and AdamW state in every process:
+# about 16 bytes a weight, 112 GB for a 7B, more than one GPU holds. Sharded, each process keeps 1/WORLD of each
+# tensor and gathers a layer's weights whole only while that layer computes. Training runs sharded; sampling runs on
+# whole weights (load_model loads a whole copy per process, and validation mid-training gathers them: whole()).
+
+
+def decoder_layers(model):
+    """The model's repeated blocks (the classes transformers names in _no_split_modules: LlamaDecoderLayer, ...), the
+    unit --shard gathers at a time."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise SystemExit(f"error: --shard: no decoder layers found in {type(model).__name__} (its _no_split_modules "
+                         f"names {sorted(names) or 'none'}); train it without --shard (DDP), or with --lora_rank")
+    return layers
+
+
+def shard_model(model):
+    """fully_shard (FSDP2) on every decoder layer, then on the whole (embeddings, head): in place, each parameter
+    becomes a DTensor holding this rank's rows. Forward and backward gather a layer just before it runs and free it
+    after; gradients are reduce-scattered and averaged over the ranks, as DDP's are, so the loops run unchanged.
+    bf16 weights keep their meaning through the existing fp32 masters: make_optimizer copies the shards, so each
+    rank's masters and AdamW moments are its shard's (no MixedPrecisionPolicy: the weights are already bf16)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh(next(model.parameters()).device.type, (WORLD,))
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def sharded(model):
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
+def gathered(state):
+    """A state (dicts and lists of tensors) with every sharded tensor gathered whole onto the CPU, one at a time, for
+    rank 0 to write (all ranks take part in each gather; the others get None). Unsharded tensors pass as they are, so
+    a sharded run writes the files a single process writes, and either can resume the other's."""
+    from torch.distributed.tensor import DTensor
+    if isinstance(state, dict):
+        return {k: gathered(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return [gathered(v) for v in state]
+    if isinstance(state, DTensor):
+        whole = state.full_tensor()
+        return whole.cpu() if RANK == 0 else None
+    return state
+
+
+def shard_like(tensor, like):
+    """The inverse: a whole tensor cut to the shard `like` (a DTensor) holds on this rank; else the tensor, moved."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    if isinstance(like, DTensor):
+        return distribute_tensor(tensor.to(like.device, like.dtype), like.device_mesh, like.placements)
+    return tensor.to(like.device)
+
+
+def load_weights(model, state):
+    """model.load_state_dict from a whole state dict (best.pt, train_state.pt), sharded or not."""
+    like = model.state_dict()
+    model.load_state_dict({k: shard_like(v, like[k]) for k, v in state.items()})
+
+
+@contextlib.contextmanager
+def whole(model):
+    """--shard: the weights gathered whole on every rank for the duration, so each rank can decode its own batches
+    (different lengths, different numbers of forwards) with no collective in the way; sharded again after. Sampling
+    a sharded model instead would re-gather every layer for every token: a 7B's 14 GB per decoded token."""
+    from torch.distributed.fsdp import FSDPModule
+    parts = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in parts:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in parts:
+            m.reshard()
+            if m is not model:  # the root's own weights (embeddings, head) stay whole from forward to backward
+                m.set_reshard_after_forward(True, recurse=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1816,10 +1908,18 @@ def read_jsonl(path, tolerant=False):
 
 def save_model(model, tok, path):
     model = merge_lora(model)
+    weights = None
+    if sharded(model):  # --shard: gathered whole for rank 0; a tied weight (embeddings = head) once, as transformers saves it
+        weights, seen = {}, set()
+        for k, v in model.state_dict(keep_vars=True).items():
+            if id(v) not in seen:
+                weights[k] = v.detach()
+                seen.add(id(v))
+        weights = gathered(weights)
     if RANK == 0:
         tmp = path + ".tmp"
         with writing(tmp):
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, state_dict=weights)
             tok.save_pretrained(tmp)
         with writing(path):
             if os.path.exists(path):
@@ -2282,7 +2382,7 @@ def model_fingerprint(model):
         return "none"
     h = hashlib.sha1()
     for p in model.parameters():
-        h.update(p.detach().flatten()[:1024].float().cpu().numpy().tobytes())
+        h.update(p.detach().flatten()[:1024].float().cpu().clone().numpy().tobytes())  # a copy: numpy() pins storage
     return h.hexdigest()[:16]
 
 
@@ -2297,7 +2397,7 @@ def gen_batches(model, tok, rows, cfg):
                                                         mc.num_attention_heads) * next(model.parameters()).element_size()
         # keys and values of every layer in half the free memory (which varies: a fixed --gen_tokens keeps the
         # batches, so a resumed run's cached rows, the same from run to run)
-        budget = int(0.5 * torch.cuda.mem_get_info()[0] / per_token)
+        budget = min(gather([int(0.5 * torch.cuda.mem_get_info()[0] / per_token)]))  # ranks must cut alike
     if not budget:
         return [rows[i:i + cfg.gen_batch] for i in range(0, len(rows), cfg.gen_batch)]
     batches, longest = [[]], 0
@@ -2404,10 +2504,10 @@ def check_finite(loss, stage):
 def save_train_state(path, model, opt, sched, step, extra):
     """Everything a killed training run needs to go on exactly where it stopped, written under a temporary name
     and renamed, so a crash mid-write leaves the previous checkpoint intact."""
+    state = gathered({"model": model.state_dict(), "opt": opt.state_dict(), "masters": [m for _, m in opt.masters]})
     if RANK == 0:
         with writing(path):
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                        "step": step, "masters": [m for _, m in opt.masters], "torch_rng": torch.get_rng_state(),
+            torch.save({**state, "sched": sched.state_dict(), "step": step, "torch_rng": torch.get_rng_state(),
                         "extra": extra}, path + ".tmp")
             os.replace(path + ".tmp", path)
     sync()
@@ -2426,18 +2526,21 @@ def load_train_state(path, model, opt, sched, extra):
     if not path or not os.path.exists(path):
         return 0
     try:  # a torn, damaged or foreign checkpoint (another model's, copied in) is refused here, never half-loaded
-        state = torch.load(path, weights_only=False)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
+        state = torch.load(path, weights_only=False, map_location="cpu", mmap=True)  # mmap: ranks share the pages
         if state["extra"].get("made_by") != extra.get("made_by"):
             raise ValueError("it was made with other settings or data")
+        load_weights(model, state["model"])
+        params = [p for g in opt.param_groups for p in g["params"]]  # AdamW's moments are shaped as their weight
+        state["opt"]["state"] = {i: {k: shard_like(v, params[i]) if v.dim() else v for k, v in st.items()}
+                                 for i, st in state["opt"]["state"].items()}
+        opt.load_state_dict(state["opt"])
     except Exception as e:
         why = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)[:200]
         raise SystemExit(f"error: {path}: a training checkpoint this run cannot resume from ({why}); remove it to "
                          f"train the stage from its start: rm {path}") from None
     with torch.no_grad():  # the fp32 masters carry the bits that the bf16 weights rounded off
         for (p, m), saved in zip(opt.masters, state.get("masters") or [p for p, _ in opt.masters]):
-            m.copy_(saved)
+            m.copy_(shard_like(saved, m))
     sched.load_state_dict(state["sched"])
     torch.set_rng_state(state["torch_rng"])
     extra.update(state["extra"])
@@ -2445,17 +2548,24 @@ def load_train_state(path, model, opt, sched, extra):
     return state["step"]
 
 
-def memory_estimate(model, batch, seq, grad_ckpt):
-    """GiB for weights, gradients, AdamW's two fp32 moments (plus the fp32 masters of bf16 weights: make_optimizer)
-    and one batch's activations. Activations per layer follow Korthikanti et al. 2022: s b h (34 + 5 a s / h) bytes
-    in 16-bit (2 s b h kept with checkpointing), plus the fp32 logits and their log-softmax (2 x 4 b s V bytes)."""
+def memory_estimate(model, rows, seq, grad_ckpt, shards=1):
+    """GiB per process for weights, gradients, AdamW's two fp32 moments (plus the fp32 masters of bf16 weights:
+    make_optimizer) and the activations of one forward of `rows` sequences. Activations per layer follow Korthikanti
+    et al. 2022: s b h (34 + 5 a s / h) bytes in 16-bit (2 s b h kept with checkpointing), plus the fp32 logits and
+    their log-softmax (2 x 4 b s V bytes). Sharded over `shards` processes (--shard), the first three are split, and
+    what is gathered whole at a time is added: the root's weights (embeddings, head) and two layers' (one computing,
+    the next prefetched), each with its gradient in the backward."""
     mc, size = model.config, next(model.parameters()).element_size()
     h, a, L, V = mc.hidden_size, mc.num_attention_heads, mc.num_hidden_layers, mc.vocab_size
     total = sum(p.numel() for p in model.parameters())
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    per_layer = seq * batch * h * (2 if grad_ckpt else 34 + 5 * a * seq / h) * size / 2
-    gib = {"weights": total * size, "gradients": trained * size, "optimizer": trained * (8 if size == 4 else 12),
-           "activations": L * per_layer + 8 * batch * seq * V}
+    per_layer = seq * rows * h * (2 if grad_ckpt else 34 + 5 * a * seq / h) * size / 2
+    gib = {"weights": total * size / shards, "gradients": trained * size / shards,
+           "optimizer": trained * (8 if size == 4 else 12) / shards}
+    if shards > 1:
+        layer = sum(p.numel() for p in decoder_layers(model)[0].parameters())
+        gib["gathered"] = 2 * (total - L * layer + 2 * layer) * size
+    gib["activations"] = L * per_layer + 8 * rows * seq * V
     return {k: round(v / 2 ** 30, 3) for k, v in gib.items()}
 
 
@@ -2465,18 +2575,29 @@ def train_flops(cfg):
     return 4 if cfg.lora_rank else 6
 
 
-def prepare_training(model, cfg, desc):
-    """Adapters (--lora_rank) and activation checkpointing (--grad_ckpt), train mode, and the memory this needs."""
+def memory_line(model, cfg, desc, per_example=1):
+    """What a training stage prints before it starts: memory_estimate per process, for a forward of this rank's share
+    of a micro-batch, per_example sequences each (DPO: chosen and rejected)."""
+    rows, shards = min(cfg.micro_batch or cfg.batch_size, math.ceil(cfg.batch_size / WORLD)), WORLD if cfg.shard else 1
+    est = memory_estimate(model, rows * per_example, cfg.max_len, cfg.grad_ckpt, shards)
+    return (f"{desc}: memory estimate per process (GiB, {rows * per_example} sequences x {cfg.max_len} tokens at most"
+            + (f", sharded over {shards}" if shards > 1 else "") + "): "
+            + ", ".join(f"{k} {v}" for k, v in est.items()) + f", total {sum(est.values()):.3f}")
+
+
+def prepare_training(model, cfg, desc, per_example=1):
+    """Adapters (--lora_rank) and activation checkpointing (--grad_ckpt), train mode, the memory this needs (printed).
+    Under torchrun: DDP, or with --shard the model sharded in place (shard_model). -> what to run forwards through."""
     if cfg.lora_rank:
         add_lora(model, cfg.lora_rank)
     if cfg.grad_ckpt:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    est = memory_estimate(model, cfg.batch_size, cfg.max_len, cfg.grad_ckpt)
-    print(f"{desc}: memory estimate (GiB, batch {cfg.batch_size} x {cfg.max_len} tokens at most): "
-          + ", ".join(f"{k} {v}" for k, v in est.items()) + f", total {sum(est.values()):.3f}")
+    print(memory_line(model, cfg, desc, per_example))
     if WORLD == 1:
         return model
+    if cfg.shard:
+        return shard_model(model)
     from torch.nn.parallel import DistributedDataParallel
     return DistributedDataParallel(model)  # forwards through it; its backward averages gradients over the ranks
 
@@ -2520,7 +2641,7 @@ def log_step(st, bar, desc, steps, model, cfg, tokens, t0, **row):
 
 def restore_best(model, folder):
     """--val: the weights of the best validation step (keep_best's folder/best.pt) back into the model; file removed."""
-    model.load_state_dict(torch.load(f"{folder}/best.pt"))
+    load_weights(model, torch.load(f"{folder}/best.pt", map_location="cpu"))
     sync()
     if RANK == 0:
         os.remove(f"{folder}/best.pt")
@@ -2531,16 +2652,18 @@ def keep_best(model, tok, val, cfg, step, st, folder, desc):
     (the first best on ties). Logged in the stage's done.json as val_log, best_step, best_val."""
     rng, was_training = torch.get_rng_state(), model.training
     os.makedirs(f"{folder}/val", exist_ok=True)
-    acc = evaluate(model, tok, val, dataclasses.replace(cfg, eval_k=0), f"{folder}/val/step{step}.jsonl",
-                   f"{desc} validation")["accuracy"]
+    with whole(model):  # --shard: each rank decodes its own batches
+        acc = evaluate(model, tok, val, dataclasses.replace(cfg, eval_k=0), f"{folder}/val/step{step}.jsonl",
+                       f"{desc} validation")["accuracy"]
     torch.set_rng_state(rng)
     model.train(was_training)
     st.setdefault("val_log", []).append({"step": step, "val_acc": acc})
     if acc > st.get("best_val", -1.0):
         st["best_val"], st["best_step"] = acc, step
+        weights = gathered(model.state_dict())
         if RANK == 0:
             with writing(f"{folder}/best.pt"):
-                torch.save(model.state_dict(), f"{folder}/best.pt.tmp")
+                torch.save(weights, f"{folder}/best.pt.tmp")
                 os.replace(f"{folder}/best.pt.tmp", f"{folder}/best.pt")
         sync()  # under torchrun every rank sees the same accuracy, and the file before it reads it back
     tqdm.write(f"  {desc} step {step} validation accuracy {acc:.3f} (best {st['best_val']:.3f} at {st['best_step']})")
@@ -2734,9 +2857,10 @@ def check_out_folder(cfg):
 # Settings that change what a stage computes: an output folder made with other values is refused, not mixed.
 # Not among them: what only picks which stages run (mode, loss: per_step and per_step_awr are separate stages, so
 # --loss both adds AWR to a per_step folder; audit, whose stage records its N), where and how often things are
-# written, and each size's epochs (held by that size's own folder).
+# written, how processes share the work (device, shard: the same numbers up to float rounding, tested), and each
+# size's epochs (held by that size's own folder).
 RESULT_KEYS = [f.name for f in dataclasses.fields(Config) if f.name not in (
-    "mode", "loss", "audit", "out", "device", "log_every", "ckpt_every", "doublings", "seeds", "size_epochs")]
+    "mode", "loss", "audit", "out", "device", "shard", "log_every", "ckpt_every", "doublings", "seeds", "size_epochs")]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -3043,6 +3167,9 @@ def parse_config(argv=None):
                                 or len(args["size_epochs"].split(",")) != args["doublings"] + 1):
         ap.error(f"--size_epochs {args['size_epochs']}: one whole number of epochs per size, n first, "
                  f"{args['doublings'] + 1} in all (--doublings {args['doublings']})")
+    if args["shard"] and args["lora_rank"]:
+        ap.error("--shard with --lora_rank: adapters train a few weights, whose optimizer state is already small; "
+                 "shard full fine-tuning (--lora_rank 0) or use LoRA without --shard (each process a whole copy)")
     positive = ("rollouts", "k_samples", "beta", "beta_awr", "bok_k")
     for name in ("eval_k", "n_train", "n_test", "val", "base_steps", "audit") + positive:
         if args[name] < 0 or (args[name] == 0 and name in positive):

@@ -1408,8 +1408,13 @@ def count(name):
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+real_generate = sn.generate
+
+
 def policy(model, tok, prompts, temperature, max_new, seed):
     count("generate")
+    if temperature == 0 and os.environ.get("REAL_GREEDY"):  # validation and evaluation decode with the real model
+        return real_generate(model, tok, prompts, temperature, max_new, seed)
     return seeded_policy(gold, prompts, seed)
 
 
@@ -1607,6 +1612,40 @@ def test_memory_estimate_of_a_7b_shaped_model():
     assert sn.memory_estimate(model, 8, 512, True)["gradients"] < 0.05  # adapters only: ~20M parameters
 
 
+def test_a_7b_full_fine_tune_fits_80gb_gpus_sharded_over_8_not_under_ddp(monkeypatch):
+    """The README's 7B command (DeepSeek-Math-7B's shapes, 8 processes): the line each training stage prints. Data
+    parallel needs ~100 GiB a process before activations; sharded over 8, the same run fits an 80 GB GPU."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=30,
+                                             num_attention_heads=32, vocab_size=102400)).to(torch.bfloat16)
+    monkeypatch.setattr(sn, "WORLD", 8)
+    cfg = sn.Config(shard=True, grad_ckpt=True, batch_size=64, micro_batch=4, max_len=1024)
+    total = {}
+    for shard in (False, True):
+        for desc, per_example in (("sft", 1), ("per_step", 2)):
+            line = sn.memory_line(model, dataclasses.replace(cfg, shard=shard), desc, per_example)
+            print(line)
+            total[shard, desc] = float(line.rsplit("total ", 1)[1])
+            assert ("sharded over 8" in line) == shard and "gathered" in line if shard else "gathered" not in line
+    assert total[False, "sft"] > 100 and total[False, "per_step"] > 100
+    assert total[True, "sft"] < 40 and total[True, "per_step"] < 60
+    weights = sn.memory_estimate(model, 4, 1024, True, shards=8)["weights"]
+    assert abs(weights * 8 - sn.memory_estimate(model, 4, 1024, True)["weights"]) < 0.01
+
+
+def test_shard_refuses_a_single_process_lora_and_a_model_without_decoder_layers(tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit, match="--shard .*torchrun --nproc_per_node N"):
+        sn.main(MINI + ["--shard", "true", "--out", str(tmp_path / "one")])
+    with pytest.raises(SystemExit):
+        sn.main(MINI + ["--shard", "true", "--lora_rank", "4", "--out", str(tmp_path / "lora")])
+    assert "--shard with --lora_rank" in capsys.readouterr().err
+    from transformers.models.llama.modeling_llama import LlamaPreTrainedModel
+    monkeypatch.setattr(LlamaPreTrainedModel, "_no_split_modules", None)  # a model that names no repeated block
+    with pytest.raises(SystemExit, match="--shard: no decoder layers found in LlamaForCausalLM"):
+        sn.load_model(sn.Config(d_model=32, n_layers=1, n_heads=2, shard=True), "tiny")
+
+
 @pytest.mark.parametrize("stage", ["sft", "dpo"])
 def test_micro_batches_make_the_same_update_as_the_whole_batch(stage):
     weights = []
@@ -1649,29 +1688,58 @@ def test_synth_mode_writes_d_syn_from_the_teachers_correct_samples(tmp_path, mon
         sn.main(MINI + ["--mode", "synth", "--out", out + "2"])
 
 
-def test_torchrun_two_cpu_processes_match_one(tmp_path):
-    """torchrun --nproc_per_node 2 on the gloo backend: sampling batches shared out and gathered, every training batch
-    split across the ranks (uneven shares included). It must match one process: the same samples and pairs, the same
-    weights up to float rounding, the same accuracies."""
+def test_torchrun_two_cpu_processes_match_one_with_ddp_and_with_shard(tmp_path):
+    """torchrun --nproc_per_node 2 on the gloo backend, data parallel (DDP) and sharded (--shard: FSDP2): sampling
+    batches shared out and gathered, every training batch split across the ranks (uneven shares included), validation
+    decoding on gathered weights. Every training stage (SFT with validation, RFT, outcome DPO, per-step DPO, AWR) must
+    match one process: the same samples and pairs, the same loss at every step and the same weights up to float
+    rounding, the same accuracies. Then a sharded run is SIGKILLed mid-SFT and resumed: it ends with the uninterrupted
+    sharded run's pairs, losses and weights (the checkpoint gathered whole, cut back into shards on load)."""
     import subprocess
     import sys
     from safetensors.torch import load_file
-    args = MINI + ["--mode", "per_step", "--n_train", "13", "--gen_batch", "8", "--micro_batch", "3"]
-    one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "stepneg.py", *args, "--out", one], cwd=HERE, env=env, check=True,
-                   capture_output=True)
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "stepneg.py", *args, "--out", two], cwd=HERE, env=env, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert os.path.exists(f"{two}/rank1.log")  # the second rank ran, quietly
-    for f in ["samples/samples.jsonl", "per_step/pairs.jsonl"]:
-        assert open(f"{one}/{f}").read() == open(f"{two}/{f}").read(), f
-    for stage in ("sft", "per_step"):
-        a, b = (load_file(f"{d}/{stage}/model/model.safetensors") for d in (one, two))
-        assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), stage
-    acc = [[json.loads(line).get("accuracy") for line in open(f"{d}/metrics.jsonl")] for d in (one, two)]
-    assert acc[0] == acc[1]
+    (tmp_path / "killable.py").write_text(KILLABLE)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": HERE, "REAL_GREEDY": "1",
+           "GOLD_FILES": f"{HERE}/data/arith/train.jsonl,{HERE}/data/arith/test.jsonl"}
+    args = MINI + ["--mode", "all", "--loss", "both", "--n_train", "13", "--val", "4", "--sft_epochs", "2",
+                   "--gen_batch", "8", "--micro_batch", "3", "--log_every", "1", "--ckpt_every", "1"]
+
+    def run(out, procs=1, point="none", at=0, *extra):
+        launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)] if procs > 1 else []
+        return subprocess.run([sys.executable, *launch, str(tmp_path / "killable.py"), point, str(at), *args, *extra,
+                               "--out", out], cwd=HERE, env=env, capture_output=True, text=True)
+    one, ddp, shard, cut = (str(tmp_path / name) for name in ("one", "ddp", "shard", "cut"))
+    assert run(one).returncode == 0
+    for out, extra in ((ddp, []), (shard, ["--shard", "true"])):
+        done = run(out, 2, "none", 0, *extra)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert os.path.exists(f"{out}/rank1.log")  # the second rank ran, quietly
+        assert ("sharded over 2" in done.stdout) == bool(extra)
+    stages = ["sft", "rft", "dpo", "per_step", "per_step_awr"]
+
+    def same(a, b):
+        ref = ("ref_chosen_logps", "ref_rejected_logps")  # pi_sft's, whose weights differ by float rounding
+        for f in ["samples/samples.jsonl", "dpo/pairs.jsonl", "per_step/pairs.jsonl", "per_step_awr/examples.jsonl"]:
+            ra, rb = sn.read_jsonl(f"{a}/{f}"), sn.read_jsonl(f"{b}/{f}")
+            assert ra and [{k: v for k, v in r.items() if k not in ref} for r in ra] == \
+                [{k: v for k, v in r.items() if k not in ref} for r in rb], f
+            assert all(abs(p[k] - q[k]) < 1e-4 for p, q in zip(ra, rb) for k in ref if k in p), f
+        for stage in stages:
+            da, db = (json.load(open(f"{d}/{stage}/done.json")) for d in (a, b))
+            assert [r["step"] for r in da["log"]] == [r["step"] for r in db["log"]] and len(da["log"]) >= 2, stage
+            assert [r["loss"] for r in da["log"]] == pytest.approx([r["loss"] for r in db["log"]], rel=1e-4, abs=1e-4)
+            assert da.get("val_log") == db.get("val_log"), stage
+            wa, wb = (load_file(f"{d}/{stage}/model/model.safetensors") for d in (a, b))
+            assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa), stage
+        acc = [[json.loads(line).get("accuracy") for line in open(f"{d}/metrics.jsonl")] for d in (a, b)]
+        assert acc[0] == acc[1]
+    same(one, ddp)
+    same(one, shard)
+    # SIGKILL both ranks at SFT's 3rd optimizer step (its train_state and best.pt written by the 2nd), rerun the command
+    assert run(cut, 2, "step", 3, "--shard", "true").returncode != 0 and os.path.exists(f"{cut}/sft/train_state.pt")
+    resumed = run(cut, 2, "none", 0, "--shard", "true")
+    assert resumed.returncode == 0 and "resuming" in resumed.stdout
+    same(shard, cut)
 
 
 def test_lora_starts_exactly_as_the_base():
@@ -1736,7 +1804,7 @@ def test_cached_rows_are_redone_for_another_seed_or_length(tmp_path):
 
 
 # Every setting that changes what a stage computes must be refused against a folder made with another value.
-NOT_RESULTS = {"mode", "loss", "audit", "out", "device", "log_every", "ckpt_every", "doublings", "seeds", "size_epochs"}
+NOT_RESULTS = {"mode", "loss", "audit", "out", "device", "shard", "log_every", "ckpt_every", "doublings", "seeds", "size_epochs"}
 
 
 def test_every_result_setting_is_checked_against_an_existing_folder(tmp_path):
