@@ -896,12 +896,17 @@ def with_reference_logps(model, tok, pairs, cfg, desc):
     reference model stays resident while the policy trains.
     {"prompt", "chosen", "rejected", ...} -> {..., "ref_chosen_logps": -3.21, "ref_rejected_logps": -9.87}"""
     device, enc, out = next(model.parameters()).device, pair_batches(tok, pairs), []
+    starts = range(0, len(enc), cfg.batch_size)
     model.eval()
     with torch.no_grad():
-        for b in tqdm(range(0, len(enc), cfg.batch_size), desc=f"{desc}: reference log-probs", leave=False):
-            c, r = pair_logps(model, tok, enc[b:b + cfg.batch_size], cfg, device)
-            out += [{**p, "ref_chosen_logps": x, "ref_rejected_logps": y}
-                    for p, x, y in zip(pairs[b:b + cfg.batch_size], c.float().tolist(), r.float().tolist())]
+        for first in tqdm(range(0, len(starts), WORLD), desc=f"{desc}: reference log-probs", leave=False):
+            mine = []  # a round: under torchrun each rank reads one batch, gathered in order
+            if first + RANK < len(starts):
+                b = starts[first + RANK]
+                c, r = pair_logps(model, tok, enc[b:b + cfg.batch_size], cfg, device)
+                mine = [{**p, "ref_chosen_logps": x, "ref_rejected_logps": y}
+                        for p, x, y in zip(pairs[b:b + cfg.batch_size], c.float().tolist(), r.float().tolist())]
+            out += gather(mine)
     return out
 
 

@@ -1693,8 +1693,8 @@ def test_torchrun_two_cpu_processes_match_one_with_ddp_and_with_shard(tmp_path):
     batches shared out and gathered, every training batch split across the ranks (uneven shares included), validation
     decoding on gathered weights. Every training stage (SFT with validation, RFT, outcome DPO, per-step DPO, AWR) must
     match one process: the same samples and pairs, the same loss at every step and the same weights up to float
-    rounding, the same accuracies. Then a sharded run is SIGKILLed mid-SFT and resumed: it ends with the uninterrupted
-    sharded run's pairs, losses and weights (the checkpoint gathered whole, cut back into shards on load)."""
+    rounding, the same accuracies. Then a sharded run is SIGKILLed mid-SFT and mid-RFT and resumed (the second time in
+    one process): it ends with the uninterrupted sharded run's pairs, losses and weights."""
     import subprocess
     import sys
     from safetensors.torch import load_file
@@ -1735,9 +1735,13 @@ def test_torchrun_two_cpu_processes_match_one_with_ddp_and_with_shard(tmp_path):
         assert acc[0] == acc[1]
     same(one, ddp)
     same(one, shard)
-    # SIGKILL both ranks at SFT's 3rd optimizer step (its train_state and best.pt written by the 2nd), rerun the command
+    # SIGKILL both ranks at SFT's 3rd optimizer step (its train_state and best.pt written by the 2nd); rerun, sharded,
+    # SIGKILLed again mid-RFT (the resumed SFT's 2 steps, then RFT's 3rd); the rest in one process, from the sharded
+    # run's RFT checkpoint (written whole, so either resumes the other's)
     assert run(cut, 2, "step", 3, "--shard", "true").returncode != 0 and os.path.exists(f"{cut}/sft/train_state.pt")
-    resumed = run(cut, 2, "none", 0, "--shard", "true")
+    killed = run(cut, 2, "step", 5, "--shard", "true")
+    assert killed.returncode != 0 and "resuming" in killed.stdout and os.path.exists(f"{cut}/rft/train_state.pt")
+    resumed = run(cut)
     assert resumed.returncode == 0 and "resuming" in resumed.stdout
     same(shard, cut)
 
