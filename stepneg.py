@@ -1715,7 +1715,7 @@ def credit_report(cfg, train):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Processes: one, or one per GPU (or CPU process) under torchrun, data parallel with torch's own engine.
+# Processes: one, or one per GPU (or CPU process) under torchrun: data parallel or sharded, torch's own engines.
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -1725,8 +1725,8 @@ RANK, WORLD = 0, 1  # this process and how many there are: torchrun --nproc_per_
 def start_processes(cfg):
     """Under torchrun (it sets WORLD_SIZE, RANK, LOCAL_RANK): join the process group, NCCL with one GPU per rank or
     gloo on CPU. Every rank runs the same program; sampling batches are shared out, each training batch is split
-    across ranks (DistributedDataParallel averages the gradients), and rank 0 alone writes files and prints (the other
-    ranks' output goes to out/rank<r>.log)."""
+    across ranks (DistributedDataParallel, or with --shard FSDP2, averages the gradients), and rank 0 alone writes
+    files and prints (the other ranks' output goes to out/rank<r>.log)."""
     global RANK, WORLD
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         if cfg.shard:
@@ -1797,7 +1797,8 @@ def sharded(model):
 def gathered(state):
     """A state (dicts and lists of tensors) with every sharded tensor gathered whole onto the CPU, one at a time, for
     rank 0 to write (all ranks take part in each gather; the others get None). Unsharded tensors pass as they are, so
-    a sharded run writes the files a single process writes, and either can resume the other's."""
+    a sharded run writes the files a single process writes, and either can resume the other's. The price of one
+    simple file: a 7B's train_state.pt is ~100 GB through rank 0 (weights, fp32 masters, moments); --ckpt_every."""
     from torch.distributed.tensor import DTensor
     if isinstance(state, dict):
         return {k: gathered(v) for k, v in state.items()}
@@ -1810,10 +1811,12 @@ def gathered(state):
 
 
 def shard_like(tensor, like):
-    """The inverse: a whole tensor cut to the shard `like` (a DTensor) holds on this rank; else the tensor, moved."""
+    """The inverse: a whole tensor cut to the shard `like` (a DTensor) holds on this rank; else the tensor, moved.
+    Every rank read the same file, so each cuts its own rows (src_data_rank=None: nothing sent)."""
     from torch.distributed.tensor import DTensor, distribute_tensor
     if isinstance(like, DTensor):
-        return distribute_tensor(tensor.to(like.device, like.dtype), like.device_mesh, like.placements)
+        return distribute_tensor(tensor.to(like.device, like.dtype), like.device_mesh, like.placements,
+                                 src_data_rank=None)
     return tensor.to(like.device)
 
 
