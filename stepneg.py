@@ -20,7 +20,7 @@ LLM Math Reasoning by Eight-Fold" (NeurIPS 2024, arXiv 2406.14532). The pipeline
     python stepneg.py --mode bench_rollouts    # after a per_step run: first-pit saving, our sampler vs generate
     python stepneg.py --mode bench_dpo         # after a per_step run: our DPO step vs a resident reference and TRL
     python stepneg.py --mode bench_shapes --train gsm8k_train.jsonl ...   # on a GPU: 1.5B- and 7B-shaped random
-                                               # models through every costly stage (README: "Speed")
+                                               # models through every costly stage (README: "Tests")
 
 Read top to bottom, the file is the method: config, data, answer checking, model and tokenizer, sampling, steps and
 rollouts, losses, training loops, evaluation, stages, the scaling measurement. After it, under one banner, the
@@ -419,7 +419,7 @@ def load_model(cfg, path):
     device = pick_device(cfg)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32  # bf16 weights on GPU; losses use fp32 log-softmax
     if device == "cuda":  # cuDNN attention plans each new sequence length anew, and decoding makes one every step:
-        torch.backends.cuda.enable_cudnn_sdp(False)  # (README: "Speed")
+        torch.backends.cuda.enable_cudnn_sdp(False)  # 64 rows x 64 tokens, 1.5B shape, H200: 4.7 s with it, 1.7 without
     if path == "tiny":
         tok = tiny_tokenizer(cfg.task)
         torch.manual_seed(cfg.seed)
